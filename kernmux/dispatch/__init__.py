@@ -1,0 +1,1 @@
+"""Platform fingerprint, op and kernel registry, resolver, transforms, hot path, explain."""

@@ -1,0 +1,1 @@
+"""Tuning database: SQLAlchemy models, alembic migrations, store API, benchmark protocol, tuner."""
