@@ -54,6 +54,8 @@ class FeatureSpec:
     doc: str
     default: Any
     choices: tuple[Any, ...] | None = None
+    # Smallest legal value of an int feature (lint flags conditions below it).
+    minimum: int | None = None
 
     def parse(self, text: str) -> Any:
         """Parse a command-line value; raises ValueError naming the feature."""

@@ -1,0 +1,5 @@
+import sys
+
+from kernmux.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""``kernmux verify``: run kernels available here against the reference on fresh inputs."""
+
+from __future__ import annotations
+
+import sys
+
+from kernmux.cli.common import UsageError, add_json_flag, fail, format_features, get_op, parse_feature_args, print_json, table
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "verify",
+        help="check kernels against the op's reference on fresh random inputs",
+        description=(
+            "For every combination of the given features (feat=v1,v2 is a sweep) and every "
+            "kernel available here, draw fresh random inputs, poison the kernel's outputs, run "
+            "it and the reference, and compare with the op's tolerance. Exit 1 if any fails."
+        ),
+    )
+    parser.add_argument("op", help="op name (see `kernmux ops`)")
+    parser.add_argument("features", nargs="*", metavar="FEATURE=V1[,V2...]")
+    parser.add_argument("--kernels", default=None, help="comma-separated kernels (default: all available)")
+    parser.add_argument("--seed", type=int, default=None, help="base seed (default: fresh each run)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    add_json_flag(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    import secrets
+
+    import torch
+
+    from kernmux.dispatch.registry import REGISTRY
+    from kernmux.dispatch.verify import verify_kernel
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        op = get_op(args.op)
+        combos = parse_feature_args(op, args.features, device=device)
+        kernels = REGISTRY.kernels_of(op.name)
+        names = [k for k in sorted(kernels) if not kernels[k].test_only or args.kernels]
+        if args.kernels:
+            names = [k.strip() for k in args.kernels.split(",") if k.strip()]
+            unknown = [k for k in names if k not in kernels]
+            if unknown:
+                raise UsageError(f"unknown kernel(s) {unknown} for {op.name}; known: {', '.join(sorted(kernels))}")
+    except UsageError as e:
+        return fail(str(e))
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    results = []
+    for index, feats in enumerate(combos):
+        for name in names:
+            result = verify_kernel(op.name, name, feats, seed=seed + index)
+            results.append(result)
+            if not args.json:
+                mark = {"pass": "PASS", "fail": "FAIL", "error": "ERROR"}.get(result.status, "skip")
+                metrics = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
+                print(f"{mark:5} {name:14} {format_features(feats)}  {metrics}  {result.detail}".rstrip())
+                sys.stdout.flush()
+    ran = [r for r in results if r.status in ("pass", "fail", "error")]
+    failed = [r for r in ran if not r.passed]
+    if args.json:
+        print_json({"op": op.name, "seed": seed, "results": [r.as_dict() for r in results], "failed": len(failed), "ran": len(ran)})
+    else:
+        skipped = len(results) - len(ran)
+        print(f"{len(ran) - len(failed)} passed, {len(failed)} failed, {skipped} skipped (seed {seed})")
+    if not ran:
+        return fail("no kernel could run here for these features", 1)
+    return 1 if failed else 0

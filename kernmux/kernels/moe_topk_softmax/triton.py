@@ -1,0 +1,208 @@
+"""Fused Triton kernel for ``moe_topk_softmax``: one launch for the whole routing step.
+
+One program handles ``ROWS`` tokens. It loads their logits once as a [ROWS, BLOCK_E]
+tile (BLOCK_E = next power of two >= E, the tail masked to -inf, so any E up to 1024
+works, e.g. 160 or 288), computes e = exp(x - max) in fp32 registers and then picks the
+top k by repeated max-and-mask without leaving registers:
+
+* ``select="packed"``: each candidate is one int64 key, (fp32 bits of e) << 32 | (BIG -
+  column). e >= 0, so its bit pattern orders like its value; equal values compare by the
+  low word, which is larger for the lower column. One max-reduction per pick returns the
+  value and the index together and resolves ties to the lower expert index.
+* ``select="twopass"``: a max-reduction for the value, then a min-reduction over the
+  columns holding it (again: ties to the lower index). Two dependent reductions per pick
+  but 32-bit registers; the tuner decides which is faster for a shape.
+
+Selection uses e = exp(x - max), the numerator of the probability, so ties that exp
+creates (underflow to 0, values that round to 1) are ties here as in the reference.
+Weights are e_j / sum(e) or, with renormalisation, e_j / sum over the k picks.
+Shared slot s (output column k + s) gets id E + s and sigmoid(logit[E + s]). The weights
+and ids of a row block are assembled in a [ROWS, BLOCK_OUT] tile and stored once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from kernmux.dispatch.outputs import empty_output
+
+
+@triton.jit
+def _moe_topk_softmax_kernel(
+    logits_ptr,
+    weights_ptr,
+    ids_ptr,
+    num_tokens,
+    num_experts,
+    stride_lt,
+    stride_le,
+    K: tl.constexpr,
+    S: tl.constexpr,
+    RENORM: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_OUT: tl.constexpr,
+    PACKED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_tokens
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < num_experts
+
+    # ---- load the routed logits once; the masked tail is -inf so exp() gives 0 there.
+    row_base = logits_ptr + rows64[:, None] * stride_lt
+    x = tl.load(
+        row_base + cols[None, :] * stride_le,
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=float("-inf"),
+    ).to(tl.float32)
+    row_max = tl.max(x, axis=1)
+    # Rows past the end hold only -inf: keep their arithmetic finite (never stored).
+    row_max = tl.where(row_ok, row_max, 0.0)
+    e = tl.exp(x - row_max[:, None])
+
+    # ---- output tile: columns [0, K) routed picks, [K, K + S) shared slots.
+    ocols = tl.arange(0, BLOCK_OUT)
+    w_tile = tl.zeros((ROWS, BLOCK_OUT), dtype=tl.float32)
+    id_tile = tl.zeros((ROWS, BLOCK_OUT), dtype=tl.int32)
+
+    if PACKED:
+        # e >= 0: its int32 bit pattern is monotonic in its value.
+        low = (BLOCK_E - cols).to(tl.int64)
+        key = (e.to(tl.int32, bitcast=True).to(tl.int64) << 32) | low[None, :]
+        for j in tl.static_range(K):
+            best = tl.max(key, axis=1)
+            pick_col = (BLOCK_E - (best & 0xFFFF)).to(tl.int32)
+            pick_val = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            w_tile = tl.where(ocols[None, :] == j, pick_val[:, None], w_tile)
+            id_tile = tl.where(ocols[None, :] == j, pick_col[:, None], id_tile)
+            key = tl.where(key == best[:, None], -1, key)
+    else:
+        cand = e
+        for j in tl.static_range(K):
+            pick_val = tl.max(cand, axis=1)
+            pick_col = tl.min(tl.where(cand == pick_val[:, None], cols[None, :], BLOCK_E), axis=1)
+            w_tile = tl.where(ocols[None, :] == j, pick_val[:, None], w_tile)
+            id_tile = tl.where(ocols[None, :] == j, pick_col[:, None], id_tile)
+            cand = tl.where(cols[None, :] == pick_col[:, None], -1.0, cand)
+
+    routed = ocols < K
+    if RENORM:
+        denom = tl.sum(tl.where(routed[None, :], w_tile, 0.0), axis=1)
+    else:
+        denom = tl.sum(e, axis=1)
+    denom = tl.where(row_ok, denom, 1.0)
+    w_tile = w_tile / denom[:, None]
+
+    if S > 0:
+        shared = (ocols >= K) & (ocols < K + S)
+        gate = tl.load(
+            row_base + (num_experts + ocols[None, :] - K) * stride_le,
+            mask=row_ok[:, None] & shared[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        w_tile = tl.where(shared[None, :], 1.0 / (1.0 + tl.exp(-gate)), w_tile)
+        id_tile = tl.where(shared[None, :], num_experts + ocols[None, :] - K, id_tile)
+
+    out_off = rows64[:, None] * (K + S) + ocols[None, :]
+    out_mask = row_ok[:, None] & (ocols[None, :] < K + S)
+    tl.store(weights_ptr + out_off, w_tile, mask=out_mask)
+    tl.store(ids_ptr + out_off, id_tile, mask=out_mask)
+
+
+# --------------------------------------------------------------------------- launcher
+
+#: Tunable parameters. ``rows``: tokens per program; ``num_warps``: warps per program;
+#: ``select``: "packed" (one int64 max-reduction per pick) or "twopass" (max + min).
+#: 6 x 4 x 2 = 48 points before pruning by :func:`config_valid`.
+CONFIG_SPACE: dict[str, tuple[Any, ...]] = {
+    "rows": (1, 2, 4, 8, 16, 32),
+    "num_warps": (1, 2, 4, 8),
+    "select": ("packed", "twopass"),
+}
+
+# Register budget: fp32 value + int64 key per element, at most this many tile elements
+# per thread (beyond it the tile spills to local memory).
+_MAX_ELEMS_PER_THREAD = 64
+
+
+def _block_e(experts: int) -> int:
+    return max(16, triton.next_power_of_2(experts))
+
+
+def config_valid(config: Mapping[str, Any], features: Mapping[str, Any]) -> bool:
+    """False for configs that would spill registers or waste whole warps."""
+    block_e = _block_e(int(features["experts"]))
+    rows, warps = int(config["rows"]), int(config["num_warps"])
+    elems = rows * block_e
+    if elems > _MAX_ELEMS_PER_THREAD * 32 * warps:
+        return False
+    # More threads than tile elements: warps would only duplicate work.
+    if elems < 32 * warps:
+        return False
+    # More rows per program than tokens: the extra rows are masked-off work.
+    return rows <= max(1, triton.next_power_of_2(int(features["tokens"])))
+
+
+def heuristic_config(tokens: int, experts: int) -> dict[str, Any]:
+    """Config used for keys the caller does not give (the untuned default).
+
+    Aims at about 8 tile elements per thread: one warp for E <= 256, more for larger E;
+    small expert counts put several tokens in one program so the launch carries enough
+    work per warp. Never more rows than tokens.
+    """
+    block_e = _block_e(experts)
+    warps = max(1, min(8, block_e // 256))
+    rows = max(1, min(16, (warps * 32 * 8) // block_e))
+    rows = min(rows, max(1, triton.next_power_of_2(max(tokens, 1))))
+    return {"rows": rows, "num_warps": warps, "select": "packed"}
+
+
+def moe_topk_softmax(
+    gating_logits: torch.Tensor,
+    topk: int,
+    renormalize: bool = False,
+    num_shared: int = 0,
+    *,
+    config: Mapping[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused routing; same contract as the reference (see ``reference.py``).
+
+    gating_logits: [T, E + S] fp32/bf16/fp16, any strides. Returns (weights fp32
+    [T, k + S], ids int32 [T, k + S]), both contiguous. ``config`` keys from
+    :data:`CONFIG_SPACE`; missing keys come from :func:`heuristic_config`.
+    """
+    tokens, width = gating_logits.shape
+    experts = width - num_shared
+    weights = empty_output((tokens, topk + num_shared), torch.float32, gating_logits.device)
+    ids = empty_output((tokens, topk + num_shared), torch.int32, gating_logits.device)
+    if tokens == 0:
+        return weights, ids
+    cfg = {**heuristic_config(tokens, experts), **(config or {})}
+    rows = int(cfg["rows"])
+    grid = (triton.cdiv(tokens, rows),)
+    _moe_topk_softmax_kernel[grid](
+        gating_logits,
+        weights,
+        ids,
+        tokens,
+        experts,
+        gating_logits.stride(0),
+        gating_logits.stride(1),
+        K=topk,
+        S=num_shared,
+        RENORM=bool(renormalize),
+        ROWS=rows,
+        BLOCK_E=_block_e(experts),
+        BLOCK_OUT=max(2, triton.next_power_of_2(topk + num_shared)),
+        PACKED=cfg["select"] == "packed",
+        num_warps=int(cfg["num_warps"]),
+    )
+    return weights, ids

@@ -1,0 +1,239 @@
+"""One trial: is this (kernel, config) right on fresh inputs, and how fast is it?
+
+A trial draws fresh inputs with ``op.make_inputs`` (seeded), runs the op's reference,
+runs the kernel with poisoned outputs (an element it forgets to write is NaN / int-min),
+and judges the outputs with ``op.compare`` — the numerics gate. Only a kernel that
+passes is timed, with the one timing routine (:func:`kernmux.tuning_db.timing.measure`).
+Every outcome is a :class:`~kernmux.tuning_db.store.TrialRecord`; an exception is a
+result (status ``error``), never the end of a sweep.
+
+This module runs a trial in the calling process; :mod:`kernmux.tuning_db.worker` runs
+it in a subprocess so that a kernel that aborts, hangs or poisons the CUDA context
+costs one trial.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kernmux.dispatch.platform import Platform, current_platform
+from kernmux.dispatch.registry import REGISTRY, Kernel
+from kernmux.tuning_db.store import TrialRecord
+
+# Errors are stored as text; a traceback tail is enough to find the line.
+_MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What to run: everything is plain data so it pickles into a worker.
+
+    features: the op's full feature dict, including "device" ("cpu" / "cuda").
+    device: the torch device the inputs are made on ("cpu", "cuda", "cuda:1").
+    seed: seeds ``make_inputs`` (the tuner passes a fresh seed per trial).
+    warmup_ms / rep_ms: the timing budget handed to ``measure``.
+    cuda_graph: time CUDA-graph replays (launch-bound ops) instead of single launches.
+    """
+
+    op: str
+    kernel: str
+    features: Mapping[str, Any]
+    config: Mapping[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    seed: int = 0
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    flush_l2: bool = True
+    cuda_graph: bool = False
+    study: str | None = None
+    trial_number: int | None = None
+
+
+def json_safe(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics with NaN/inf spelled as strings: JSON (and PostgreSQL) have no NaN."""
+    safe: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            safe[str(key)] = value
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            safe[str(key)] = str(value)
+            continue
+        if math.isfinite(number):
+            safe[str(key)] = int(value) if isinstance(value, int) else number
+        else:
+            safe[str(key)] = str(number)  # "nan", "inf", "-inf"
+    return safe
+
+
+def platform_fields(platform: Platform) -> dict[str, Any]:
+    """The fingerprint/platform/libs fields of a record."""
+    info = platform.as_dict()
+    libs = info.pop("libs")
+    return {"fingerprint": platform.fingerprint(), "platform": info, "libs": libs}
+
+
+def base_record(spec: TrialSpec, platform: Platform | None = None, **fields: Any) -> TrialRecord:
+    """A record of ``spec`` with the given outcome fields (status, error, ...).
+
+    Used by the worker's parent too, for trials whose process never answered."""
+    platform = platform or current_platform()
+    try:
+        bucket = dict(REGISTRY.op(spec.op).bucket(spec.features))
+    except Exception as e:  # a broken bucket() must not lose the trial
+        bucket = {"error": f"{type(e).__name__}: {e}"}
+    try:
+        config = full_config(REGISTRY.kernels_of(spec.op)[spec.kernel], spec.config)
+    except Exception:
+        config = dict(spec.config)
+    values: dict[str, Any] = dict(
+        op=spec.op,
+        kernel=spec.kernel,
+        config=config,
+        features=dict(spec.features),
+        bucket=bucket,
+        status="error",
+        p50_us=None,
+        p20_us=None,
+        p80_us=None,
+        reps=None,
+        metrics={},
+        error=None,
+        study=spec.study,
+        trial_number=spec.trial_number,
+        **platform_fields(platform),
+    )
+    values.update(fields)
+    return TrialRecord(**values)
+
+
+def full_config(kernel: Kernel, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The kernel's default config overlaid with ``config`` ({} for kernels without a space)."""
+    return kernel.full_config(config)
+
+
+def config_problem(kernel: Kernel, config: Mapping[str, Any], features: Mapping[str, Any]) -> str:
+    """Why ``config`` is not a point of the kernel's space for ``features`` ("" if it is)."""
+    unknown = sorted(set(config) - set(kernel.config_space))
+    if unknown:
+        return f"config keys {unknown} not in {kernel.name}'s space {sorted(kernel.config_space)}"
+    for key, value in config.items():
+        if value not in kernel.config_space[key]:
+            return f"config {key}={value!r} not among {list(kernel.config_space[key])}"
+    if kernel.config_valid is not None:
+        try:
+            if not kernel.config_valid(config, features):
+                return f"config {dict(config)} invalid for these features"
+        except Exception as e:
+            return f"config_valid raised {type(e).__name__}: {e}"
+    return ""
+
+
+def config_points(kernel: Kernel, features: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every valid config of ``kernel`` for ``features`` (``[{}]`` when it has no space)."""
+    if not kernel.config_space:
+        return [{}]
+    names = sorted(kernel.config_space)
+    points = []
+    for values in itertools.product(*(kernel.config_space[n] for n in names)):
+        config = dict(zip(names, values))
+        if not config_problem(kernel, config, features):
+            points.append(config)
+    return points
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _error_text(e: BaseException) -> str:
+    """"Class: message (at file:line in function)" of the innermost frame."""
+    text = f"{type(e).__name__}: {e}"
+    frames = traceback.extract_tb(e.__traceback__)
+    if frames:
+        last = frames[-1]
+        text += f" (at {last.filename}:{last.lineno} in {last.name})"
+    return text[:_MAX_ERROR_CHARS]
+
+
+def run_trial(spec: TrialSpec, platform: Platform | None = None) -> TrialRecord:
+    """Run one trial in this process and return its record (never raises for kernel faults)."""
+    platform = platform or current_platform()
+    try:
+        op = REGISTRY.op(spec.op)
+        kernels = REGISTRY.kernels_of(spec.op)
+        if spec.kernel not in kernels:
+            return base_record(
+                spec, platform, status="error",
+                error=f"KeyError: op {spec.op!r} has no kernel {spec.kernel!r}; known: {sorted(kernels)}",
+            )
+        kernel = kernels[spec.kernel]
+        for support in (kernel.availability(platform), kernel.check(spec.features, platform)):
+            if not support.ok:
+                return base_record(spec, platform, status="unsupported", error=support.reason)
+        config = full_config(kernel, spec.config)
+        problem = config_problem(kernel, config, spec.features) if kernel.config_space else ""
+        if problem:
+            return base_record(spec, platform, status="unsupported", error=problem)
+        return _gate_and_time(spec, op, kernel, config, platform)
+    except Exception as e:
+        return base_record(spec, platform, status="error", error=_error_text(e))
+
+
+def _gate_and_time(spec: TrialSpec, op: Any, kernel: Kernel, config: dict, platform: Platform) -> TrialRecord:
+    from kernmux.dispatch.outputs import poisoned_outputs
+    from kernmux.tuning_db.timing import measure
+
+    fn = kernel.bind(config)
+    args, kwargs = op.make_inputs(spec.features, spec.device, spec.seed)
+    reference = op.reference(*args, **kwargs)
+    with poisoned_outputs():
+        outputs = fn(*args, **kwargs)
+    _synchronize(spec.device)
+    comparison = op.compare(outputs, reference, spec.features)
+    metrics = json_safe(comparison.metrics)
+    if not comparison.passed:
+        return base_record(
+            spec, platform, status="numerics_failed", metrics=metrics,
+            error=f"numerics: {comparison.detail}"[:_MAX_ERROR_CHARS],
+        )
+    del outputs, reference
+    timing = measure(
+        lambda: fn(*args, **kwargs),
+        device=spec.device,
+        warmup_ms=spec.warmup_ms,
+        rep_ms=spec.rep_ms,
+        flush_l2=spec.flush_l2,
+        cuda_graph=spec.cuda_graph,
+    )
+    return base_record(
+        spec, platform, status="ok", metrics=metrics, error=None,
+        p50_us=timing.p50_us, p20_us=timing.p20_us, p80_us=timing.p80_us, reps=timing.reps,
+    )
+
+
+def cuda_context_broken(device: str) -> str:
+    """"" if the CUDA context of ``device`` still works, else the error it now raises.
+
+    Errors such as an illegal memory access are sticky: every later CUDA call in this
+    process fails, so the worker must be replaced."""
+    import torch
+
+    if torch.device(device).type != "cuda" or not torch.cuda.is_initialized():
+        return ""
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device=device).add_(1).item()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return ""
