@@ -20,6 +20,7 @@ STATUSES = ("ok", "numerics_failed", "crashed", "timeout", "error", "unsupported
 
 def upgrade() -> None:
     # Written out (not imported from models.py): a migration is frozen history.
+    # op.f(): these names are final, not templates for the naming convention.
     op.create_table(
         "kernmux_trials",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
@@ -43,13 +44,13 @@ def upgrade() -> None:
         sa.Column("study", sa.String(256), nullable=True),
         sa.Column("trial_number", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.PrimaryKeyConstraint("id", name="pk_kernmux_trials"),
-        sa.UniqueConstraint("content_hash", name="uq_kernmux_trials_content_hash"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_kernmux_trials")),
+        sa.UniqueConstraint("content_hash", name=op.f("uq_kernmux_trials_content_hash")),
         sa.CheckConstraint(
             "status IN (" + ", ".join(f"'{s}'" for s in STATUSES) + ")",
-            name="ck_kernmux_trials_status",
+            name=op.f("ck_kernmux_trials_status"),
         ),
-        sa.CheckConstraint("status != 'ok' OR p50_us IS NOT NULL", name="ck_kernmux_trials_ok_has_p50"),
+        sa.CheckConstraint("status != 'ok' OR p50_us IS NOT NULL", name=op.f("ck_kernmux_trials_ok_has_p50")),
     )
     op.create_index("ix_kernmux_trials_lookup", "kernmux_trials", ["op", "fingerprint", "bucket_key"])
 
