@@ -23,7 +23,7 @@ from typing import Any
 
 from kernmux.dispatch.platform import Platform, current_platform
 from kernmux.dispatch.registry import REGISTRY, Kernel
-from kernmux.tuning_db.store import TrialRecord
+from kernmux.tuning_db.store import TrialRecord, relevant_libs
 
 # Errors are stored as text; a traceback tail is enough to find the line.
 _MAX_ERROR_CHARS = 2000
@@ -73,11 +73,18 @@ def json_safe(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return safe
 
 
-def platform_fields(platform: Platform) -> dict[str, Any]:
-    """The fingerprint/platform/libs fields of a record."""
+def platform_fields(platform: Platform, requires: Any = ()) -> dict[str, Any]:
+    """The fingerprint/platform/libs fields of a record.
+
+    libs: torch, triton and the kernel's provider libraries only (``relevant_libs``), so
+    that an unrelated upgrade does not invalidate the measurement."""
     info = platform.as_dict()
-    libs = info.pop("libs")
-    return {"fingerprint": platform.fingerprint(), "platform": info, "libs": libs}
+    info.pop("libs")
+    return {
+        "fingerprint": platform.fingerprint(),
+        "platform": info,
+        "libs": relevant_libs(platform, requires),
+    }
 
 
 def base_record(spec: TrialSpec, platform: Platform | None = None, **fields: Any) -> TrialRecord:
@@ -90,9 +97,10 @@ def base_record(spec: TrialSpec, platform: Platform | None = None, **fields: Any
     except Exception as e:  # a broken bucket() must not lose the trial
         bucket = {"error": f"{type(e).__name__}: {e}"}
     try:
-        config = full_config(REGISTRY.kernels_of(spec.op)[spec.kernel], spec.config)
+        kernel = REGISTRY.kernels_of(spec.op)[spec.kernel]
+        config, requires = full_config(kernel, spec.config), tuple(kernel.requires)
     except Exception:
-        config = dict(spec.config)
+        config, requires = dict(spec.config), ()
     values: dict[str, Any] = dict(
         op=spec.op,
         kernel=spec.kernel,
@@ -108,7 +116,7 @@ def base_record(spec: TrialSpec, platform: Platform | None = None, **fields: Any
         error=None,
         study=spec.study,
         trial_number=spec.trial_number,
-        **platform_fields(platform),
+        **platform_fields(platform, requires),
     )
     values.update(fields)
     return TrialRecord(**values)

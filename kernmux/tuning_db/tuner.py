@@ -1,0 +1,401 @@
+"""``kernmux tune``: search kernel x config for each feature set and record every trial.
+
+For each feature set: build the search space (:mod:`kernmux.tuning_db.search`), open or
+resume its optuna study in the *same database* as the tuning store (optuna's RDB
+storage, its own tables beside the ``kernmux_`` ones), then run the ask/tell loop in
+one or more tuning processes. Each measurement is one trial in a worker subprocess
+(:mod:`kernmux.tuning_db.worker`): numerics gate, then timing. Every trial — failures
+included — becomes a store row carrying the study name and trial number.
+
+Sharing: ``workers=N`` starts N tuning processes on this host (with CUDA, one GPU each
+through ``CUDA_VISIBLE_DEVICES``); several hosts pointing at one PostgreSQL URL join the
+same studies, since a study's name depends only on the op, the features, the platform
+fingerprint, the sampler and the search space. A re-run resumes: the trial budget
+counts the measurements already in the study.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue as queue_module
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kernmux.dispatch.platform import Platform, current_platform
+from kernmux.tuning_db.search import (
+    Evaluation,
+    Point,
+    SearchSpace,
+    build_space,
+    fail_stale_trials,
+    make_sampler,
+    retrying,
+    run_search,
+)
+
+log = logging.getLogger("kernmux")
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class TuneError(RuntimeError):
+    """The tuning run itself failed (not a kernel: kernel failures are rows)."""
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """How to tune one op.
+
+    kernels: restrict the search to these kernels (None: every available one).
+    trials: measurements per feature set, counted over the whole study (re-runs resume).
+    sampler: "tpe" (seeded, default) or "grid" (every valid point, random order).
+    url: database URL shared by the store and the optuna studies (None: KERNMUX_DB or
+        the default SQLite file).
+    workers: tuning processes on this host (one per GPU with CUDA).
+    timeout_s: limit of one trial (compilation + numerics gate + timing).
+    warmup_ms / rep_ms / cuda_graph: the timing budget handed to ``measure``.
+    isolate: run trials in a worker subprocess (False: in the tuning process; only for
+        kernels known to be safe).
+    imports: modules every process imports first (e.g. one registering test-only ops).
+    baseline: kernel measured first in every study so a speed-up is always known.
+    startup_trials: TPE's random start (None: a default scaled to the space).
+    """
+
+    op: str
+    kernels: tuple[str, ...] | None = None
+    trials: int = 30
+    sampler: str = "tpe"
+    seed: int = 0
+    url: str | None = None
+    workers: int = 1
+    timeout_s: float = 120.0
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    cuda_graph: bool = False
+    isolate: bool = True
+    imports: tuple[str, ...] = ()
+    baseline: str | None = "torch"
+    startup_trials: int | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One feature set to tune: its space and study name."""
+
+    features: dict[str, Any]
+    bucket: dict[str, Any]
+    space: SearchSpace
+    study: str
+
+
+@dataclass
+class BucketResult:
+    """The outcome of tuning one feature set (read back from the store)."""
+
+    features: dict[str, Any]
+    bucket: dict[str, Any]
+    study: str
+    points: int
+    skipped: dict[str, str]
+    rows: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    best_kernel: str | None = None
+    best_config: dict[str, Any] | None = None
+    best_p50_us: float | None = None
+    best_row_id: int | None = None
+    baseline: str | None = None
+    baseline_p50_us: float | None = None
+    speedup: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def open_study_storage(url: str) -> Any:
+    """optuna's RDB storage on ``url``, configured for several writers.
+
+    SQLite: a long busy timeout so concurrent processes wait for the write lock instead
+    of failing (the tuning store has already switched the file to WAL)."""
+    import optuna
+    import sqlalchemy as sa
+
+    backend = sa.engine.make_url(url).get_backend_name()
+    if backend == "sqlite":
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return retrying(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs), what="optuna storage")
+
+
+def study_name(op: str, features: Mapping[str, Any], platform: Platform, sampler: str, space: SearchSpace) -> str:
+    """A name that only a compatible run shares: same op, features, GPU, sampler, space."""
+    feats = ",".join(f"{k}={features[k]}" for k in sorted(features))
+    return f"kernmux/{op}/{feats}/{platform.fingerprint()}/{sampler}/{space.digest()}"
+
+
+def _load_study(name: str, storage: Any, sampler: Any) -> Any:
+    import optuna
+
+    return retrying(
+        lambda: optuna.create_study(
+            study_name=name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True
+        ),
+        what="optuna study",
+    )
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def make_plans(settings: TuneSettings, feature_sets: Sequence[Mapping[str, Any]], platform: Platform) -> list[Plan]:
+    """Search space and study name of each feature set (no database access)."""
+    from kernmux.dispatch.registry import REGISTRY
+
+    op = REGISTRY.op(settings.op)
+    plans = []
+    for features in feature_sets:
+        features = dict(features)
+        space = build_space(settings.op, features, platform, settings.kernels)
+        name = study_name(settings.op, features, platform, settings.sampler, space)
+        plans.append(Plan(features, dict(op.bucket(features)), space, name))
+    return plans
+
+
+def _device_for(features: Mapping[str, Any]) -> str:
+    return "cuda" if features.get("device") == "cuda" else "cpu"
+
+
+def _agent_envs(settings: TuneSettings, plans: Sequence[Plan]) -> list[dict[str, str]]:
+    """Environment of each tuning process: one GPU each when tuning CUDA features."""
+    envs: list[dict[str, str]] = [{} for _ in range(settings.workers)]
+    if not any(_device_for(p.features) == "cuda" for p in plans):
+        return envs
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        devices = [d.strip() for d in visible.split(",") if d.strip()]
+    else:
+        import torch
+
+        devices = [str(i) for i in range(torch.cuda.device_count())]
+    if devices:
+        for i, env in enumerate(envs):
+            env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
+    return envs
+
+
+# --------------------------------------------------------------------------- agent
+
+
+def run_agent(
+    settings: TuneSettings,
+    plans: Sequence[Plan],
+    index: int,
+    progress: Progress | None = None,
+) -> None:
+    """One tuning process: for each plan, join its study and measure until the budget."""
+    import importlib
+
+    from kernmux.tuning_db.store import TuningStore
+    from kernmux.tuning_db.trial import TrialSpec
+    from kernmux.tuning_db.worker import InProcessRunner, TrialWorker
+
+    for module in settings.imports:
+        importlib.import_module(module)
+    url = settings.url
+    store = TuningStore(url)
+    storage = open_study_storage(store.url)
+    runner_cls = TrialWorker if settings.isolate else InProcessRunner
+    with runner_cls(imports=settings.imports) as runner:
+        for plan in plans:
+            if not plan.space.points:
+                continue
+            sampler = make_sampler(
+                settings.sampler, settings.seed + 7919 * index, len(plan.space), settings.startup_trials
+            )
+            study = _load_study(plan.study, storage, sampler)
+            device = _device_for(plan.features)
+
+            def evaluate(point: Point, number: int, plan: Plan = plan, device: str = device) -> Evaluation:
+                spec = TrialSpec(
+                    op=settings.op, kernel=point.kernel, features=plan.features, config=point.config_dict,
+                    device=device, seed=settings.seed * 1_000_003 + number,
+                    warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms, cuda_graph=settings.cuda_graph,
+                    study=plan.study, trial_number=number,
+                )
+                record = runner.run(spec, settings.timeout_s)
+                row_id = store.record(record)
+                if progress is not None:
+                    progress({
+                        "event": "trial", "agent": index, "study": plan.study, "features": plan.features,
+                        "trial": number, "kernel": point.kernel, "config": point.config_dict,
+                        "status": record.status, "p50_us": record.p50_us, "row_id": row_id,
+                        "error": (record.error or "").splitlines()[0][:200] if record.error else None,
+                    })
+                return Evaluation(record.status, record.p50_us, record.error or "")
+
+            first = []
+            if settings.baseline and settings.baseline in plan.space.kernels:
+                first = [p for p in plan.space.points if p.kernel == settings.baseline][:1]
+            stats = run_search(
+                study, plan.space, evaluate, budget=settings.trials, grid=settings.sampler == "grid",
+                seed=settings.seed + 104729 * index, first=first,
+            )
+            if progress is not None:
+                progress({"event": "study_done", "agent": index, "study": plan.study, "stats": asdict(stats)})
+    store.close()
+
+
+def _agent_main(settings: TuneSettings, plans: list[Plan], index: int, env: dict[str, str], events: Any) -> None:
+    os.environ.update(env)
+    try:
+        run_agent(settings, plans, index, events.put)
+    except BaseException as e:
+        events.put({"event": "agent_error", "agent": index, "error": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc()})
+        raise SystemExit(1) from None
+
+
+def _run_agents(settings: TuneSettings, plans: list[Plan], progress: Progress | None) -> list[str]:
+    """Start ``settings.workers`` tuning processes and relay their events; their errors."""
+    ctx = multiprocessing.get_context("spawn")
+    events = ctx.Queue()
+    procs = [
+        ctx.Process(target=_agent_main, args=(settings, plans, i, env, events), name=f"kernmux-tune-{i}")
+        for i, env in enumerate(_agent_envs(settings, plans))
+    ]
+    for proc in procs:
+        proc.start()
+    errors: list[str] = []
+
+    def relay(event: dict[str, Any]) -> None:
+        if event.get("event") == "agent_error":
+            errors.append(f"tuning process {event['agent']}: {event['error']}\n{event.get('traceback', '')}")
+        if progress is not None:
+            progress(event)
+
+    try:
+        while any(p.is_alive() for p in procs):
+            try:
+                relay(events.get(timeout=0.2))
+            except queue_module.Empty:
+                pass
+        while True:
+            try:
+                relay(events.get(timeout=0.2))
+            except queue_module.Empty:
+                break
+    finally:
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+    for proc in procs:
+        if proc.exitcode != 0 and not any(e.startswith(f"tuning process {procs.index(proc)}:") for e in errors):
+            errors.append(f"tuning process {procs.index(proc)} exited with code {proc.exitcode}")
+    return errors
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def prepare(settings: TuneSettings, plans: Sequence[Plan]) -> str:
+    """Create the store schema and every study up front (no races between processes),
+    mark trials left RUNNING by a dead run as failed; returns the database URL."""
+    from kernmux.tuning_db.store import TuningStore
+
+    with TuningStore(settings.url) as store:
+        url = store.url
+    storage = open_study_storage(url)
+    for plan in plans:
+        if not plan.space.points:
+            continue
+        study = _load_study(plan.study, storage, make_sampler(settings.sampler, settings.seed, len(plan.space)))
+        # A trial cannot run longer than its timeout (+ a worker start): older RUNNING
+        # trials belong to a process that died.
+        fail_stale_trials(study, storage, older_than_s=2 * settings.timeout_s + 600)
+    return url
+
+
+def tune(
+    settings: TuneSettings,
+    feature_sets: Sequence[Mapping[str, Any]],
+    progress: Progress | None = None,
+    platform: Platform | None = None,
+) -> list[BucketResult]:
+    """Tune ``settings.op`` for every feature set; returns one result per feature set.
+
+    progress(event): called with {"event": "plan"|"trial"|"study_done", ...} dicts."""
+    import importlib
+
+    if settings.workers < 1:
+        raise ValueError(f"workers must be >= 1, got {settings.workers}")
+    if settings.trials < 1:
+        raise ValueError(f"trials must be >= 1, got {settings.trials}")
+    for module in settings.imports:
+        importlib.import_module(module)
+    platform = platform or current_platform()
+    plans = make_plans(settings, feature_sets, platform)
+    url = prepare(settings, plans)
+    settings = _replace(settings, url=url)
+    if progress is not None:
+        for plan in plans:
+            progress({"event": "plan", "study": plan.study, "features": plan.features, "points": len(plan.space),
+                      "budget": min(settings.trials, len(plan.space)), "skipped": dict(plan.space.skipped)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if settings.workers == 1:
+            run_agent(settings, plans, 0, progress)
+            errors: list[str] = []
+        else:
+            errors = _run_agents(settings, plans, progress)
+    if errors:
+        raise TuneError("; ".join(errors))
+    return summarize(settings, plans, platform)
+
+
+def _replace(settings: TuneSettings, **changes: Any) -> TuneSettings:
+    import dataclasses
+
+    return dataclasses.replace(settings, **changes)
+
+
+def summarize(settings: TuneSettings, plans: Sequence[Plan], platform: Platform) -> list[BucketResult]:
+    """Per feature set: rows and statuses of its study, the pick the dispatcher's rule
+    (:func:`kernmux.tuning_db.store.choose_best`) makes from them, and the speed-up over
+    the baseline kernel's best ok row."""
+    from kernmux.tuning_db.store import TuningStore, choose_best
+
+    results = []
+    with TuningStore(settings.url) as store:
+        for plan in plans:
+            rows = store.rows(op=settings.op, study=plan.study)
+            result = BucketResult(
+                features=plan.features, bucket=plan.bucket, study=plan.study, points=len(plan.space),
+                skipped=dict(plan.space.skipped), rows=len(rows),
+                statuses=dict(Counter(r.status for r in rows)), baseline=settings.baseline,
+            )
+            best, notes = choose_best(rows, platform)
+            result.notes = list(notes)
+            if best is not None:
+                result.best_kernel, result.best_config = best.kernel, dict(best.config)
+                result.best_p50_us, result.best_row_id = best.p50_us, best.id
+            if settings.baseline:
+                base, _ = choose_best(rows, platform, [settings.baseline])
+                if base is not None:
+                    result.baseline_p50_us = base.p50_us
+                    if best is not None and best.p50_us:
+                        result.speedup = base.p50_us / best.p50_us
+            results.append(result)
+    return results
