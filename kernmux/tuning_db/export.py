@@ -1,0 +1,236 @@
+"""Moving tuning data between machines: versioned JSON export, validated import, merge.
+
+Format (version 1)::
+
+    {"format": "kernmux-tuning", "version": 1, "exported_at": "...", "schema_revision": "...",
+     "rows": [{"op": ..., "kernel": ..., ..., "created_at": "2026-05-20T12:00:00+00:00",
+               "host": ..., "content_hash": "<sha256>"}, ...]}
+
+Each row holds every :class:`TrialRecord` field (row ids are local and not exported).
+Import validates each row on its own: bad rows are reported by index with the reason
+and the good ones are still stored. ``content_hash`` is recomputed; a row whose stored
+hash disagrees was edited and is rejected. Rows already present (same hash) are
+skipped, so importing or merging twice adds nothing the second time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import pathlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import sqlalchemy as sa
+
+from kernmux.tuning_db.models import Trial
+from kernmux.tuning_db.paths import normalize_url
+from kernmux.tuning_db.store import (
+    RECORD_FIELDS,
+    InvalidTrialError,
+    TrialRecord,
+    TuningDBError,
+    TuningStore,
+    _values,
+    normalize_record,
+)
+
+FORMAT = "kernmux-tuning"
+VERSION = 1
+_CHUNK = 500
+
+
+class ExportFormatError(ValueError):
+    """The document is not a kernmux tuning export this code can read."""
+
+
+@dataclass
+class ImportReport:
+    """What an import or merge did. ``bad``: (row index, reason) for rejected rows."""
+
+    total: int = 0
+    added: int = 0
+    duplicates: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "added": self.added,
+            "duplicates": self.duplicates,
+            "bad": [{"index": i, "reason": r} for i, r in self.bad],
+        }
+
+    def summary(self) -> str:
+        text = f"{self.total} rows: {self.added} added, {self.duplicates} already present, {len(self.bad)} bad"
+        return text + "".join(f"\n  row {i}: {r}" for i, r in self.bad)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def row_to_dict(row: Any) -> dict[str, Any]:
+    """One stored row in export form (JSON-ready)."""
+    out = {f: getattr(row, f) for f in RECORD_FIELDS}
+    out["created_at"] = row.created_at.isoformat()
+    out["content_hash"] = row.content_hash
+    return out
+
+
+def export_doc(store: TuningStore, *, op: str | None = None) -> dict[str, Any]:
+    """The export document of every row (of ``op`` when given), oldest first."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "schema_revision": store.revision(),
+        "rows": [row_to_dict(r) for r in store.rows(op=op)],
+    }
+
+
+def write_export(store: TuningStore, out: str | pathlib.Path | IO[str], *, op: str | None = None) -> int:
+    """Write the export to a path or text stream; returns the number of rows."""
+    doc = export_doc(store, op=op)
+    text = json.dumps(doc, indent=1, sort_keys=False, allow_nan=False)
+    if isinstance(out, (str, pathlib.Path)):
+        pathlib.Path(out).write_text(text + "\n")
+    else:
+        out.write(text + "\n")
+    return len(doc["rows"])
+
+
+def load_export(path: str | pathlib.Path) -> dict[str, Any]:
+    """Read and check the envelope of an export file (rows are checked on import)."""
+    try:
+        doc = json.loads(pathlib.Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ExportFormatError(f"{path}: not JSON: {e}") from e
+    check_envelope(doc, str(path))
+    return doc
+
+
+def check_envelope(doc: Any, where: str = "document") -> None:
+    if not isinstance(doc, Mapping):
+        raise ExportFormatError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    if doc.get("format") != FORMAT:
+        raise ExportFormatError(f"{where}: expected format {FORMAT!r}, got {doc.get('format')!r}")
+    version = doc.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ExportFormatError(f"{where}: expected an integer version, got {version!r}")
+    if version > VERSION:
+        raise ExportFormatError(
+            f"{where}: export format version {version} is newer than this kernmux reads "
+            f"(up to {VERSION}); upgrade kernmux"
+        )
+    if version < 1:
+        raise ExportFormatError(f"{where}: unknown export format version {version}")
+    if not isinstance(doc.get("rows"), list):
+        raise ExportFormatError(f"{where}: expected a list under 'rows'")
+
+
+# --------------------------------------------------------------------------- import
+
+
+_OPTIONAL = {"p50_us", "p20_us", "p80_us", "reps", "error", "study", "trial_number", "host"}
+
+
+def record_from_dict(data: Any) -> tuple[TrialRecord, str | None]:
+    """A normalized record from one exported row, and the hash the row claimed.
+
+    Raises InvalidTrialError naming the field and the problem."""
+    if not isinstance(data, Mapping):
+        raise InvalidTrialError(f"expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(RECORD_FIELDS) - {"content_hash"})
+    if unknown:
+        raise InvalidTrialError(f"unknown field(s) {', '.join(unknown)}")
+    missing = [f for f in RECORD_FIELDS if f not in data and f not in _OPTIONAL]
+    if missing:
+        raise InvalidTrialError(f"missing field(s) {', '.join(missing)}")
+    fields = {f: data.get(f) for f in RECORD_FIELDS}
+    created = fields["created_at"]
+    if not isinstance(created, str):
+        raise InvalidTrialError(f"created_at: expected an ISO 8601 string, got {created!r}")
+    try:
+        fields["created_at"] = dt.datetime.fromisoformat(created)
+    except ValueError:
+        raise InvalidTrialError(f"created_at: not an ISO 8601 time: {created!r}") from None
+    claimed = data.get("content_hash")
+    if claimed is not None and not isinstance(claimed, str):
+        raise InvalidTrialError(f"content_hash: expected a string, got {claimed!r}")
+    return normalize_record(TrialRecord(**fields), stamp=False), claimed
+
+
+def import_rows(store: TuningStore, rows: Sequence[Any]) -> ImportReport:
+    """Validate and insert exported rows; skips rows already present (same hash)."""
+    report = ImportReport(total=len(rows))
+    good: dict[str, dict[str, Any]] = {}
+    for index, data in enumerate(rows):
+        try:
+            record, claimed = record_from_dict(data)
+            values = _values(record)
+        except InvalidTrialError as e:
+            report.bad.append((index, str(e)))
+            continue
+        if claimed is not None and claimed != values["content_hash"]:
+            report.bad.append((index, "content_hash does not match the row's content (edited after export?)"))
+            continue
+        if values["content_hash"] in good:
+            report.duplicates += 1
+            continue
+        good[values["content_hash"]] = values
+    pending = list(good.values())
+    for start in range(0, len(pending), _CHUNK):
+        added = store._retry(lambda chunk=pending[start : start + _CHUNK]: _insert_new(store, chunk))
+        report.added += added
+        report.duplicates += min(_CHUNK, len(pending) - start) - added
+    return report
+
+
+def _insert_new(store: TuningStore, chunk: list[dict[str, Any]]) -> int:
+    """Insert the rows of ``chunk`` whose hash is not stored yet; returns how many."""
+    hashes = [v["content_hash"] for v in chunk]
+    with store.session_scope(write=True) as session:
+        present = set(session.scalars(sa.select(Trial.content_hash).where(Trial.content_hash.in_(hashes))))
+        new = [v for v in chunk if v["content_hash"] not in present]
+        if new:
+            # ON CONFLICT DO NOTHING: a concurrent merge of the same rows is not an error.
+            if store.backend == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert
+            elif store.backend == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert
+            else:  # other backends: the existence check above is the only guard
+                insert = sa.insert  # type: ignore[assignment]
+            stmt = insert(Trial)
+            if hasattr(stmt, "on_conflict_do_nothing"):
+                stmt = stmt.on_conflict_do_nothing(index_elements=["content_hash"])
+            session.execute(stmt, new)
+    return len(new)
+
+
+def import_file(store: TuningStore, path: str | pathlib.Path) -> ImportReport:
+    """Import an export file (envelope errors raise ExportFormatError)."""
+    return import_rows(store, load_export(path)["rows"])
+
+
+def _is_sqlite_file(path: pathlib.Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
+def merge(store: TuningStore, source: str | pathlib.Path) -> ImportReport:
+    """Merge rows into ``store`` from another database (a URL or a SQLite file) or an
+    export file. Idempotent: merging the same source again adds nothing."""
+    text = str(source)
+    if "://" not in text:
+        if not _is_sqlite_file(pathlib.Path(text)):
+            return import_file(store, text)
+        text = normalize_url(text)
+    if normalize_url(text) == store.url:
+        raise TuningDBError(f"cannot merge {store.display_url} into itself")
+    with TuningStore(text, create=False) as other:
+        rows = [row_to_dict(r) for r in other.rows()]
+    return import_rows(store, rows)
