@@ -275,7 +275,23 @@ def default_dispatcher() -> Dispatcher:
     global _DEFAULT
     if _DEFAULT is None:
         _DEFAULT = Dispatcher()
+        _DEFAULT.listeners.append(_report_decision)
     return _DEFAULT
+
+
+def _report_decision(decision: Decision) -> None:
+    """One INFO log line per new decision, kept for the stats dump (KERNMUX_STATS_PATH)."""
+    try:
+        from kernmux.integrations.stats import record_dispatch
+    except ImportError:
+        return
+    kernel = decision.kernel + (f"+{decision.transform.text()}" if decision.transform else "")
+    source = decision.source
+    if decision.rule:
+        source += f":{decision.rule}"
+    elif decision.row_id is not None:
+        source += f":row {decision.row_id}"
+    record_dispatch(decision.op, feature_key(decision.features), kernel, source)
 
 
 def stats_hook() -> Callable[[str], None] | None:
