@@ -157,6 +157,18 @@ def config_points(kernel: Kernel, features: Mapping[str, Any]) -> list[dict[str,
     return points
 
 
+def _cloned(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(_cloned(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    return value
+
+
 def _synchronize(device: str) -> None:
     import torch
 
@@ -204,7 +216,9 @@ def _gate_and_time(spec: TrialSpec, op: Any, kernel: Kernel, config: dict, platf
 
     fn = kernel.bind(config)
     args, kwargs = op.make_inputs(spec.features, spec.device, spec.seed)
-    reference = op.reference(*args, **kwargs)
+    # The reference sees copies: a kernel (or reference) that writes into its inputs
+    # must not make the other one look right.
+    reference = op.reference(*_cloned(args), **_cloned(kwargs))
     with poisoned_outputs():
         outputs = fn(*args, **kwargs)
     _synchronize(spec.device)

@@ -1,0 +1,158 @@
+"""``kernmux tune``: search kernels x configs per feature set and record every trial."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from kernmux.cli.common import UsageError, add_json_flag, fail, format_features, get_op, parse_feature_args, print_json, table
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "tune",
+        help="search kernels x configs, record every trial in the tuning database",
+        description=(
+            "For every combination of the given features (feat=v1,v2 is a sweep), search the "
+            "available kernels and their configs with optuna (seeded TPE, or an exhaustive grid). "
+            "Each trial runs in a worker subprocess: fresh inputs, the numerics gate against "
+            "the reference, then timing. Every trial, failures included, is a row in the "
+            "database; the optuna study lives in the same database, so a re-run resumes it and "
+            "several processes or hosts (one PostgreSQL URL) tune it together."
+        ),
+    )
+    parser.add_argument("op", help="op name (see `kernmux ops`)")
+    parser.add_argument("features", nargs="*", metavar="FEATURE=V1[,V2...]")
+    parser.add_argument("--kernels", default=None, help="comma-separated kernels (default: all available)")
+    parser.add_argument("--trials", type=int, default=30,
+                        help="measurements per feature set, counted over the whole study (default 30)")
+    parser.add_argument("--sampler", choices=("tpe", "grid"), default="tpe",
+                        help="tpe (seeded, default) or grid (every valid point)")
+    parser.add_argument("--seed", type=int, default=0, help="sampler and input seed (default 0)")
+    parser.add_argument("--db", default=None, help="database URL (default: KERNMUX_DB or the user cache file)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="tuning processes on this host; with CUDA one GPU each (default 1)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per trial (default 120)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--warmup-ms", type=float, default=25.0, help="timing warm-up per trial (default 25)")
+    parser.add_argument("--rep-ms", type=float, default=100.0, help="timing repetitions per trial (default 100)")
+    parser.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (launch-bound ops)")
+    parser.add_argument("--baseline", default="torch", help="kernel measured first for the speed-up (default torch)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run trials in the tuning process (no crash isolation; debugging)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first in every process (registers extra ops/kernels)")
+    add_json_flag(parser)
+    parser.set_defaults(handler=run)
+
+
+class _ProgressPrinter:
+    """One line per trial on stderr; a redrawn status line when stderr is a terminal."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.budget: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+        self.best: dict[str, float] = {}
+        self.labels: dict[str, str] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        study = event.get("study", "")
+        if kind == "plan":
+            self.budget[study] = event["budget"]
+            self.labels[study] = format_features({k: v for k, v in event["features"].items() if k != "device"})
+            skipped = event.get("skipped") or {}
+            for kernel, reason in skipped.items():
+                self._line(f"  {self.labels[study]}: {kernel} not searched: {reason}")
+            if not event["points"]:
+                self._line(f"  {self.labels[study]}: nothing to tune (no kernel supports it)")
+        elif kind == "trial":
+            self.done[study] = self.done.get(study, 0) + 1
+            p50 = event.get("p50_us")
+            if event["status"] == "ok" and p50 is not None:
+                self.best[study] = min(self.best.get(study, float("inf")), p50)
+            cfg = ",".join(f"{k}={v}" for k, v in (event.get("config") or {}).items())
+            point = event["kernel"] + (f"{{{cfg}}}" if cfg else "")
+            result = f"{p50:.2f} us" if p50 is not None else (event.get("error") or "")[:80]
+            best = self.best.get(study)
+            n, total = self.done[study], self.budget.get(study, 0)
+            text = (f"[{n}/{total}] {self.labels.get(study, '')}  #{event['trial']} {point}  "
+                    f"{event['status']} {result}" + (f"  (best {best:.2f} us)" if best is not None else ""))
+            if self.tty:
+                width = 24
+                filled = int(width * min(n, total) / max(total, 1))
+                bar = "#" * filled + "." * (width - filled)
+                self.stream.write(f"\r\033[K[{bar}] {text}"[:200])
+                self.stream.flush()
+            else:
+                self._line(text)
+        elif kind == "study_done" and self.tty:
+            self.stream.write("\n")
+
+    def _line(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def run(args) -> int:
+    import torch
+
+    from kernmux.tuning_db.store import TuningDBError
+    from kernmux.tuning_db.tuner import TuneError, TuneSettings, tune
+
+    try:
+        import importlib
+
+        for module in args.imports:
+            importlib.import_module(module)
+        op = get_op(args.op)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        feature_sets = parse_feature_args(op, args.features, device=device)
+        kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip()) if args.kernels else None
+        if args.trials < 1 or args.workers < 1 or args.timeout <= 0:
+            raise UsageError("--trials and --workers must be >= 1 and --timeout > 0")
+        settings = TuneSettings(
+            op=op.name, kernels=kernels, trials=args.trials, sampler=args.sampler, seed=args.seed,
+            url=args.db, workers=args.workers, timeout_s=args.timeout, warmup_ms=args.warmup_ms,
+            rep_ms=args.rep_ms, cuda_graph=args.cuda_graph, isolate=not args.in_process,
+            imports=tuple(args.imports), baseline=args.baseline or None,
+        )
+    except (UsageError, ModuleNotFoundError) as e:
+        return fail(str(e))
+    try:
+        results = tune(settings, feature_sets, progress=_ProgressPrinter())
+    except ValueError as e:  # unknown kernel names and the like
+        return fail(str(e))
+    except (TuneError, TuningDBError) as e:
+        return fail(f"tuning failed: {e}", 1)
+    if args.json:
+        print_json({"op": op.name, "db": _shown_url(args.db), "results": [r.as_dict() for r in results]})
+    else:
+        rows = []
+        for r in results:
+            cfg = json.dumps(r.best_config, sort_keys=True) if r.best_config else "-"
+            failed = sum(n for s, n in r.statuses.items() if s != "ok")
+            rows.append([
+                format_features({k: v for k, v in r.features.items() if k != "device"}),
+                r.best_kernel or "(none)", cfg, _fmt(r.best_p50_us), _fmt(r.baseline_p50_us),
+                "-" if r.speedup is None else f"{r.speedup:.2f}x", f"{r.rows - failed}/{failed}",
+            ])
+        print(table(rows, ["features", "best", "config", "p50 us", f"{settings.baseline or 'baseline'} us",
+                           "speed-up", "ok/failed"]))
+        print(f"database: {_shown_url(args.db)}")
+    return 0 if all(r.best_kernel for r in results) else 1
+
+
+def _shown_url(url: str | None) -> str:
+    from kernmux.tuning_db.paths import default_url
+
+    return url or default_url()
