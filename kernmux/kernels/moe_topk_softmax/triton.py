@@ -30,6 +30,11 @@ import triton
 import triton.language as tl
 
 from kernmux.dispatch.outputs import empty_output
+from kernmux.kernels.moe_topk_softmax.triton_config import (
+    block_e,
+    heuristic_config,
+    next_power_of_two,
+)
 
 
 @triton.jit
@@ -119,51 +124,6 @@ def _moe_topk_softmax_kernel(
 
 # --------------------------------------------------------------------------- launcher
 
-#: Tunable parameters. ``rows``: tokens per program; ``num_warps``: warps per program;
-#: ``select``: "packed" (one int64 max-reduction per pick) or "twopass" (max + min).
-#: 6 x 4 x 2 = 48 points before pruning by :func:`config_valid`.
-CONFIG_SPACE: dict[str, tuple[Any, ...]] = {
-    "rows": (1, 2, 4, 8, 16, 32),
-    "num_warps": (1, 2, 4, 8),
-    "select": ("packed", "twopass"),
-}
-
-# Register budget: fp32 value + int64 key per element, at most this many tile elements
-# per thread (beyond it the tile spills to local memory).
-_MAX_ELEMS_PER_THREAD = 64
-
-
-def _block_e(experts: int) -> int:
-    return max(16, triton.next_power_of_2(experts))
-
-
-def config_valid(config: Mapping[str, Any], features: Mapping[str, Any]) -> bool:
-    """False for configs that would spill registers or waste whole warps."""
-    block_e = _block_e(int(features["experts"]))
-    rows, warps = int(config["rows"]), int(config["num_warps"])
-    elems = rows * block_e
-    if elems > _MAX_ELEMS_PER_THREAD * 32 * warps:
-        return False
-    # More threads than tile elements: warps would only duplicate work.
-    if elems < 32 * warps:
-        return False
-    # More rows per program than tokens: the extra rows are masked-off work.
-    return rows <= max(1, triton.next_power_of_2(int(features["tokens"])))
-
-
-def heuristic_config(tokens: int, experts: int) -> dict[str, Any]:
-    """Config used for keys the caller does not give (the untuned default).
-
-    Aims at about 8 tile elements per thread: one warp for E <= 256, more for larger E;
-    small expert counts put several tokens in one program so the launch carries enough
-    work per warp. Never more rows than tokens.
-    """
-    block_e = _block_e(experts)
-    warps = max(1, min(8, block_e // 256))
-    rows = max(1, min(16, (warps * 32 * 8) // block_e))
-    rows = min(rows, max(1, triton.next_power_of_2(max(tokens, 1))))
-    return {"rows": rows, "num_warps": warps, "select": "packed"}
-
 
 def moe_topk_softmax(
     gating_logits: torch.Tensor,
@@ -176,8 +136,8 @@ def moe_topk_softmax(
     """Fused routing; same contract as the reference (see ``reference.py``).
 
     gating_logits: [T, E + S] fp32/bf16/fp16, any strides. Returns (weights fp32
-    [T, k + S], ids int32 [T, k + S]), both contiguous. ``config`` keys from
-    :data:`CONFIG_SPACE`; missing keys come from :func:`heuristic_config`.
+    [T, k + S], ids int32 [T, k + S]), both contiguous. ``config``: keys of
+    ``triton_config.CONFIG_SPACE``; missing keys come from ``heuristic_config``.
     """
     tokens, width = gating_logits.shape
     experts = width - num_shared
@@ -200,8 +160,8 @@ def moe_topk_softmax(
         S=num_shared,
         RENORM=bool(renormalize),
         ROWS=rows,
-        BLOCK_E=_block_e(experts),
-        BLOCK_OUT=max(2, triton.next_power_of_2(topk + num_shared)),
+        BLOCK_E=block_e(experts),
+        BLOCK_OUT=max(2, next_power_of_two(topk + num_shared)),
         PACKED=cfg["select"] == "packed",
         num_warps=int(cfg["num_warps"]),
     )

@@ -1,0 +1,193 @@
+"""``moe_topk_softmax``: MoE routing — softmax over routed experts, top-k, shared slots.
+
+``moe_topk_softmax(gating_logits [T, E + S], topk, renormalize=False, num_shared=0) ->
+(weights fp32 [T, k + S], ids int32 [T, k + S])``; semantics in ``reference.py``.
+
+Kernels: ``torch`` (the reference), ``torch_compile`` (the reference under Inductor),
+``triton`` (one fused launch), ``aiter`` (ROCm ``aiter.topk_softmax``), ``vllm`` (vLLM's
+compiled ``_moe_C::topk_softmax``). Registration imports none of triton, aiter or vllm.
+``fuse.fuse_router_weights`` builds the ``[E + S, hidden]`` gate whose matmul yields
+these logits in one GEMM.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+from kernmux.dispatch.platform import Platform
+from kernmux.dispatch.registry import (
+    SUPPORTED,
+    Op,
+    Support,
+    register_kernel,
+    register_op,
+    unsupported,
+)
+from kernmux.kernels.moe_topk_softmax import spec
+from kernmux.kernels.moe_topk_softmax.reference import moe_topk_softmax as reference
+from kernmux.kernels.moe_topk_softmax.triton_config import (
+    CONFIG_SPACE as TRITON_CONFIG_SPACE,
+)
+from kernmux.kernels.moe_topk_softmax.triton_config import (
+    MAX_EXPERTS as TRITON_MAX_EXPERTS,
+)
+from kernmux.kernels.moe_topk_softmax.triton_config import (
+    MAX_TOPK as TRITON_MAX_TOPK,
+)
+from kernmux.kernels.moe_topk_softmax.triton_config import config_valid as triton_config_valid
+
+OP_NAME = "moe_topk_softmax"
+_PKG = "kernmux.kernels.moe_topk_softmax"
+
+OP = register_op(
+    Op(
+        name=OP_NAME,
+        doc="MoE routing: softmax over routed experts (fp32), top-k with ties to the lower "
+        "index, optional renormalisation, shared-expert slots E+s weighted sigmoid(logit).",
+        reference=reference,
+        feature_specs=spec.FEATURE_SPECS,
+        features=spec.features,
+        validate=spec.validate,
+        make_inputs=spec.make_inputs,
+        compare=spec.compare,
+        fake=spec.fake,
+        bucket=spec.bucket,
+        roofline=spec.roofline,
+        head_axes=None,
+        sweep_defaults=spec.SWEEP_DEFAULTS,
+    )
+)
+
+
+# ---------------------------------------------------------------------- supports()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpp_compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _compile_supports(features: Mapping[str, Any], platform: Platform) -> Support:
+    if features["device"] == "cpu" and _cpp_compiler() is None:
+        return unsupported("torch.compile on CPU tensors needs a C++ compiler (none of $CXX, g++, c++, clang++ found)")
+    return SUPPORTED
+
+
+def _triton_supports(features: Mapping[str, Any], platform: Platform) -> Support:
+    if features["device"] == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return unsupported("Triton needs GPU tensors (CPU only under TRITON_INTERPRET=1)")
+    if features["experts"] > TRITON_MAX_EXPERTS:
+        return unsupported(f"experts={features['experts']} > {TRITON_MAX_EXPERTS} (one tile per row)")
+    if features["topk"] > TRITON_MAX_TOPK:
+        return unsupported(f"topk={features['topk']} > {TRITON_MAX_TOPK} (picks are unrolled)")
+    return SUPPORTED
+
+
+def _aiter_supports(features: Mapping[str, Any], platform: Platform) -> Support:
+    if features["device"] != "cuda":
+        return unsupported(f"aiter runs on GPU tensors (torch device 'cuda' on ROCm), got {features['device']}")
+    return SUPPORTED
+
+
+def _aiter_probe(platform: Platform) -> Support:
+    if importlib.util.find_spec("aiter") is None:
+        return unsupported("amd-aiter metadata present but module 'aiter' not importable")
+    aiter = importlib.import_module("aiter")
+    if not hasattr(aiter, "topk_softmax"):
+        return unsupported("this aiter build has no topk_softmax")
+    return SUPPORTED
+
+
+def _vllm_probe(platform: Platform) -> Support:
+    from kernmux.kernels.moe_topk_softmax import vllm as adapter
+
+    try:
+        adapter.load_op()
+        adapter.call_plan()
+    except (ImportError, ValueError) as e:
+        return unsupported(str(e))
+    device = "cpu" if platform.vendor == "cpu" else "cuda"
+    if not adapter.has_kernel_for(device):
+        return unsupported(f"{adapter.OP_NAME} has no {device} kernel in this vLLM build")
+    return SUPPORTED
+
+
+def _vllm_supports(features: Mapping[str, Any], platform: Platform) -> Support:
+    if platform.what_if:
+        return SUPPORTED  # judged on metadata only
+    from kernmux.kernels.moe_topk_softmax import vllm as adapter
+
+    if not adapter.has_kernel_for(features["device"]):
+        return unsupported(f"{adapter.OP_NAME} has no kernel for {features['device']} tensors in this build")
+    return SUPPORTED
+
+
+# ---------------------------------------------------------------------- kernels
+
+register_kernel(
+    op=OP_NAME,
+    name="torch",
+    impl=reference,
+    priority=0,
+    doc="The reference: the unfused PyTorch chain (softmax, stable sort, renormalise, sigmoid, cat).",
+)
+
+register_kernel(
+    op=OP_NAME,
+    name="torch_compile",
+    impl=f"{_PKG}.compiled:moe_topk_softmax",
+    requires={"torch": ">=2.4"},
+    supports=_compile_supports,
+    priority=5,
+    doc="The reference under torch.compile (Inductor), one compiled function per variant.",
+)
+
+register_kernel(
+    op=OP_NAME,
+    name="triton",
+    impl=f"{_PKG}.triton:moe_topk_softmax",
+    requires={"triton": ">=3.0"},
+    supports=_triton_supports,
+    config_space=TRITON_CONFIG_SPACE,
+    default_config={},  # empty: the launcher's shape heuristic (triton_config.heuristic_config)
+    config_valid=triton_config_valid,
+    priority=20,
+    doc="One fused Triton launch: tile of rows in registers, top-k by max-and-mask; "
+    "E <= 1024 (any, e.g. 160/288), k <= 16, S <= 8, fp32/bf16/fp16.",
+)
+
+register_kernel(
+    op=OP_NAME,
+    name="aiter",
+    impl=f"{_PKG}.aiter:moe_topk_softmax",
+    requires={"amd-aiter": ""},
+    vendors=("rocm",),
+    supports=_aiter_supports,
+    config_space={"fuse_shared": (True, False)},
+    default_config={"fuse_shared": True},
+    probe=_aiter_probe,
+    priority=30,
+    doc="aiter.topk_softmax: 7-argument fused shared-expert form for amd-aiter >= 0.1.12 "
+    "and S in {1,2,4,8}, else the 5-argument form plus a shared-slot append. "
+    "Unverified on AMD hardware.",
+)
+
+register_kernel(
+    op=OP_NAME,
+    name="vllm",
+    impl=f"{_PKG}.vllm:moe_topk_softmax",
+    requires={"vllm": ""},
+    supports=_vllm_supports,
+    probe=_vllm_probe,
+    priority=30,
+    doc="vLLM's compiled _moe_C::topk_softmax (call built from the installed schema); "
+    "shared slots appended separately.",
+)
