@@ -29,14 +29,21 @@ import torch
 FP8 = torch.float8_e4m3fn
 
 
+def _check_fused(fused: torch.Tensor) -> None:
+    if fused.dtype != torch.uint8 or not fused.is_contiguous() or fused.dim() < 3:
+        raise ValueError(
+            "fused cache must be contiguous uint8 [num_blocks, block_size, (1,) head_dim + 4], "
+            f"got {fused.dtype} {tuple(fused.shape)} contiguous={fused.is_contiguous()}"
+        )
+
+
 def split_page_layout(fused: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Views ``(k_cache fp8 [nb, bs, D], k_scale fp32 [nb, bs])`` of a page-fused buffer.
 
     fused: uint8 ``[num_blocks, block_size, 1, head_dim + 4]`` (or ``[nb, bs, D + 4]``),
     contiguous. No data is copied.
     """
-    if fused.dtype != torch.uint8 or not fused.is_contiguous():
-        raise ValueError(f"fused cache must be contiguous uint8, got {fused.dtype} contiguous={fused.is_contiguous()}")
+    _check_fused(fused)
     num_blocks, block_size = fused.shape[0], fused.shape[1]
     if fused[0].numel() != block_size * (head_dim + 4):
         raise ValueError(f"fused cache page holds {fused[0].numel()} bytes, expected block_size*(head_dim+4) = {block_size * (head_dim + 4)}")
@@ -48,8 +55,7 @@ def split_page_layout(fused: torch.Tensor, head_dim: int) -> tuple[torch.Tensor,
 
 def split_token_layout(fused: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Views ``(k_cache, k_scale)`` of a token-fused buffer ``[nb, bs, ..., head_dim + 4]``."""
-    if fused.dtype != torch.uint8 or not fused.is_contiguous():
-        raise ValueError(f"fused cache must be contiguous uint8, got {fused.dtype} contiguous={fused.is_contiguous()}")
+    _check_fused(fused)
     num_blocks, block_size = fused.shape[0], fused.shape[1]
     if fused[0].numel() != block_size * (head_dim + 4):
         raise ValueError(f"fused cache page holds {fused[0].numel()} bytes, expected block_size*(head_dim+4) = {block_size * (head_dim + 4)}")
@@ -87,6 +93,16 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def _strides_are(t: torch.Tensor, strides: tuple[int, ...]) -> bool:
+    # The stride of a dimension of size 1 is never used, so it may be anything.
+    return all(size == 1 or got == want for size, got, want in zip(t.shape, t.stride(), strides))
+
+
+def _uint8_view(t: torch.Tensor, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> torch.Tensor:
+    storage = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+    return storage.as_strided(shape, strides, offset)
+
+
 def page_layout_base(k_cache: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor | None:
     """The page-fused uint8 ``[nb, bs, 1, D + 4]`` buffer that ``k_cache`` and
     ``k_scale`` are views of, or None when they are not such views."""
@@ -94,13 +110,12 @@ def page_layout_base(k_cache: torch.Tensor, k_scale: torch.Tensor) -> torch.Tens
     page = block_size * (head_dim + 4)
     if not _same_storage(k_cache, k_scale) or k_cache.dtype != FP8 or k_scale.dtype != torch.float32:
         return None
-    if k_cache.stride() != (page, head_dim, 1) or k_scale.stride() != (page // 4, 1):
+    if not _strides_are(k_cache, (page, head_dim, 1)) or not _strides_are(k_scale, (page // 4, 1)):
         return None
     base = _byte_offset(k_cache)
     if _byte_offset(k_scale) != base + block_size * head_dim:
         return None
-    storage = torch.empty(0, dtype=torch.uint8, device=k_cache.device).set_(k_cache.untyped_storage())
-    return storage.as_strided((num_blocks, block_size, 1, head_dim + 4), (page, head_dim + 4, head_dim + 4, 1), base) if block_size == 1 else storage.as_strided((num_blocks, page), (page, 1), base).view(num_blocks, block_size, 1, head_dim + 4)
+    return _uint8_view(k_cache, (num_blocks, block_size, 1, head_dim + 4), (page, head_dim + 4, head_dim + 4, 1), base)
 
 
 def token_layout_base(k_cache: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor | None:
@@ -111,11 +126,9 @@ def token_layout_base(k_cache: torch.Tensor, k_scale: torch.Tensor) -> torch.Ten
     row = head_dim + 4
     if not _same_storage(k_cache, k_scale) or k_cache.dtype != FP8 or k_scale.dtype != torch.float32:
         return None
-    if k_cache.stride() != (block_size * row, row, 1) or k_scale.stride() != (block_size * row // 4, row // 4):
+    if not _strides_are(k_cache, (block_size * row, row, 1)) or not _strides_are(k_scale, (block_size * row // 4, row // 4)):
         return None
     base = _byte_offset(k_cache)
     if _byte_offset(k_scale) != base + head_dim:
         return None
-    storage = torch.empty(0, dtype=torch.uint8, device=k_cache.device).set_(k_cache.untyped_storage())
-    tokens = num_blocks * block_size
-    return storage.as_strided((tokens, 1, 1, row), (row, row, row, 1), base)
+    return _uint8_view(k_cache, (num_blocks * block_size, 1, 1, row), (row, row, row, 1), base)

@@ -1,0 +1,194 @@
+"""Paged fp8 MQA logits in Triton: one pass over the key cache, nothing materialised.
+
+Each program owns one request and a span of ``TILES * BLOCK_N`` key positions. It
+loads the request's queries (all heads, all ``next_n`` queries) and weights once, then
+for each tile of ``BLOCK_N`` positions gathers the fp8 keys and fp32 scales through the
+block table (one read of each key byte), computes the ``[H, BLOCK_N]`` scores with one
+``tl.dot`` per query (the ``next_n`` queries share the loaded tile), scales, applies
+relu, reduces over heads with the weights and writes the logits row(s); positions past
+a query's causal limit get ``-inf``. Heads are padded inside the kernel to ``HP``, a
+power of two >= 16 (the ``tl.dot`` minimum), with zero queries and zero weights, so the
+padding adds exact zeros.
+
+Numerics: fp8 e4m3 -> bf16 (and -> tf32) is exact, so ``dot="bf16"`` / ``"tf32"``
+multiply exactly and accumulate in fp32; bf16 runs the tensor cores at twice the tf32
+rate. ``dot="fp8"`` feeds the fp8 operands to the tensor cores directly (Hopper fp8 MMA
+accumulates with reduced precision; verification decides whether a tuned config may
+use it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernmux.dispatch.outputs import empty_output
+
+
+@triton.jit
+def _indexer_logits_kernel(
+    q_ptr, k_ptr, s_ptr, w_ptr, ctx_ptr, bt_ptr, out_ptr,
+    heads, max_context, max_blocks, tiles_per_prog,
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kd,
+    stride_sb, stride_st,
+    stride_wr, stride_wh,
+    stride_tb, stride_tm,
+    stride_or,
+    NEXT_N: tl.constexpr,
+    HP: tl.constexpr,
+    D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    OPERAND: tl.constexpr,  # 0: fp8 as loaded, 1: bf16, 2: fp32 (tf32 MMA)
+):
+    b = tl.program_id(0)
+    span = tl.program_id(1)
+    ctx = tl.load(ctx_ptr + b)
+    # Keys that exist for this request: within its context, its block table and the output.
+    kv_end = tl.minimum(tl.minimum(ctx, max_blocks * PAGE), max_context)
+    first = span * tiles_per_prog * BLOCK_N
+    n_tiles = tl.minimum(tl.maximum(tl.cdiv(kv_end - first, BLOCK_N), 0), tiles_per_prog)
+
+    offs_h = tl.arange(0, HP)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    hmask = offs_h < heads
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    w_row0 = w_ptr + (b * NEXT_N).to(tl.int64) * stride_wr
+    out_row0 = out_ptr + (b * NEXT_N).to(tl.int64) * stride_or
+    q0 = tl.load(q_rows, mask=hmask[:, None], other=0.0)
+    w0 = tl.load(w_row0 + offs_h * stride_wh, mask=hmask, other=0.0)
+    if OPERAND == 1:
+        q0 = q0.to(tl.bfloat16)
+    elif OPERAND == 2:
+        q0 = q0.to(tl.float32)
+    if NEXT_N == 2:
+        q1 = tl.load(q_rows + stride_qn, mask=hmask[:, None], other=0.0)
+        w1 = tl.load(w_row0 + stride_wr + offs_h * stride_wh, mask=hmask, other=0.0)
+        if OPERAND == 1:
+            q1 = q1.to(tl.bfloat16)
+        elif OPERAND == 2:
+            q1 = q1.to(tl.float32)
+    table = bt_ptr + b.to(tl.int64) * stride_tb
+
+    for t in range(0, n_tiles):
+        pos = first + t * BLOCK_N + offs_n
+        kv_mask = pos < kv_end
+        page = tl.load(table + (pos // PAGE) * stride_tm, mask=kv_mask, other=0).to(tl.int64)
+        slot = pos % PAGE
+        k = tl.load(
+            k_ptr + page[:, None] * stride_kb + slot[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+            mask=kv_mask[:, None],
+            other=0.0,
+        )
+        scale = tl.load(s_ptr + page * stride_sb + slot * stride_st, mask=kv_mask, other=0.0)
+        if OPERAND == 1:
+            k = k.to(tl.bfloat16)
+        elif OPERAND == 2:
+            k = k.to(tl.float32)
+        kt = tl.trans(k)
+        out_mask = pos < max_context
+
+        s0 = tl.dot(q0, kt)  # [HP, BLOCK_N] fp32
+        s0 = tl.maximum(s0 * scale[None, :], 0.0)
+        l0 = tl.sum(s0 * w0[:, None], axis=0)
+        l0 = tl.where(kv_mask & (pos <= ctx - NEXT_N), l0, float("-inf"))
+        tl.store(out_row0 + pos, l0, mask=out_mask)
+        if NEXT_N == 2:
+            s1 = tl.dot(q1, kt)
+            s1 = tl.maximum(s1 * scale[None, :], 0.0)
+            l1 = tl.sum(s1 * w1[:, None], axis=0)
+            l1 = tl.where(kv_mask & (pos <= ctx - 1), l1, float("-inf"))
+            tl.store(out_row0 + stride_or + pos, l1, mask=out_mask)
+
+    # The rest of the span lies past the request's context: -inf without touching keys.
+    neg_inf = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    for t in range(n_tiles, tiles_per_prog):
+        pos = first + t * BLOCK_N + offs_n
+        out_mask = pos < max_context
+        tl.store(out_row0 + pos, neg_inf, mask=out_mask)
+        if NEXT_N == 2:
+            tl.store(out_row0 + stride_or + pos, neg_inf, mask=out_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_target(device: torch.device) -> int:
+    """About four resident programs per SM keep enough key bytes in flight."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return 4 * _sm_count(index)
+
+
+def _tiles_per_program(batch: int, tiles_total: int, requested: int, device: torch.device) -> int:
+    """``requested`` tiles per program, or (0 = auto) enough spans per request to give
+    the GPU ~4 programs per SM, balanced so spans of a request are of equal size."""
+    if requested > 0:
+        return min(requested, tiles_total)
+    spans = max(1, min(tiles_total, -(-_programs_target(device) // batch)))
+    return -(-tiles_total // spans)
+
+
+_OPERANDS = {"fp8": 0, "bf16": 1, "tf32": 2}
+
+
+def _operand(dot: str) -> int:
+    if dot not in _OPERANDS:
+        raise ValueError(f"triton indexer_logits: config dot must be one of {sorted(_OPERANDS)}, got {dot!r}")
+    if dot == "bf16" and os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter multiplies bf16 dot operands as raw bits (seen with Triton 3.9);
+        # fp32 operands hold fp8 values exactly too, so the CPU result is the same math.
+        return _OPERANDS["tf32"]
+    return _OPERANDS[dot]
+
+
+def indexer_logits_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor,
+    weights: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    max_context: int,
+    *,
+    config: dict,
+) -> torch.Tensor:
+    """Launcher: grid ``(B, spans)``; config keys BLOCK_N, TILES (0 = auto), num_warps,
+    num_stages, dot ("bf16" | "fp8"). Shapes as in the reference; any strides (a unit
+    stride in the head dimension, which Triton specialises on, gives vector loads)."""
+    batch, next_n, heads, head_dim = q.shape
+    if next_n not in (1, 2) or head_dim not in (64, 128) or not 1 <= heads <= 128:
+        raise ValueError(f"triton indexer_logits handles next_n in (1, 2), head_dim in (64, 128), 1 <= heads <= 128; got next_n={next_n}, head_dim={head_dim}, heads={heads}")
+    out = empty_output((batch * next_n, max_context), torch.float32, q.device)
+    block_n = int(config["BLOCK_N"])
+    tiles_total = -(-max_context // block_n)
+    tiles = _tiles_per_program(batch, tiles_total, int(config.get("TILES", 0)), q.device)
+    grid = (batch, -(-tiles_total // tiles))
+    _indexer_logits_kernel[grid](
+        q, k_cache, k_scale, weights, context_lens, block_table, out,
+        heads, max_context, block_table.shape[1], tiles,
+        *q.stride(),
+        *k_cache.stride(),
+        *k_scale.stride(),
+        *weights.stride(),
+        *block_table.stride(),
+        out.stride(0),
+        NEXT_N=next_n,
+        HP=max(16, triton.next_power_of_2(heads)),
+        D=head_dim,
+        PAGE=k_cache.shape[1],
+        BLOCK_N=block_n,
+        OPERAND=_operand(config.get("dot", "bf16")),
+        num_warps=int(config["num_warps"]),
+        num_stages=int(config["num_stages"]),
+    )
+    return out
