@@ -13,13 +13,13 @@ result. Rules that make the budget go to measurements:
   earlier result and marked ``duplicate_of`` (no measurement, no store row).
 - A parameter combination the kernel declares invalid is told PRUNED, marked ``invalid``.
 - After ``explore_after`` such trials in a row (TPE has converged on known points), the
-  next trial is a random unmeasured point, enqueued into the study.
+  next trial is a random unmeasured point (forced through :class:`ForcingSampler`).
 - Failures (numerics_failed, crashed, timeout, error, unsupported) are told PRUNED: they
   are never the best trial, and TPE counts them with the bad points.
 - ``budget`` counts measurements in the whole study (all processes, all runs): a re-run
   resumes up to the budget; the loop also stops when every valid point is measured.
 
-Grid mode is the same loop with every trial enqueued: a random unmeasured point each
+Grid mode is the same loop with every trial forced: a random unmeasured point each
 time, so several processes rarely collide and the grid is exhaustive over valid points.
 """
 
@@ -169,6 +169,45 @@ def make_sampler(kind: str, seed: int | None, n_points: int, startup_trials: int
         )
 
 
+class ForcingSampler:
+    """Wraps a sampler so this process can dictate the next trial's parameters.
+
+    optuna's ``enqueue_trial`` puts a WAITING trial in the shared storage, which
+    another process may pop (on SQLite two processes can even claim the same one).
+    Forcing through the sampler keeps a forced point local to the process asking."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+        self._forced: dict[str, Any] | None = None
+
+    def force(self, params: Mapping[str, Any] | None) -> None:
+        self._forced = dict(params) if params is not None else None
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        if self._forced is not None:
+            return {}
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: Any, trial: Any, search_space: Mapping[str, Any]) -> dict[str, Any]:
+        if self._forced is not None:
+            return {}
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: Any, trial: Any, param_name: str, distribution: Any) -> Any:
+        if self._forced is not None and param_name in self._forced:
+            return self._forced[param_name]
+        return self.base.sample_independent(study, trial, param_name, distribution)
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+
 def suggest(trial: Any, space: SearchSpace) -> Point:
     """Ask ``trial`` for a kernel, then for that kernel's parameters only."""
     kernel = trial.suggest_categorical("kernel", list(space.kernels))
@@ -251,6 +290,9 @@ def run_search(
     from optuna.trial import TrialState
 
     stats = LoopStats()
+    if not isinstance(study.sampler, ForcingSampler):
+        study.sampler = ForcingSampler(study.sampler)
+    sampler = study.sampler
     rng = random.Random(seed)
     by_key = {p.key: p for p in space.points}
     max_asks = max_asks if max_asks is not None else 20 * max(budget, 1) + len(space)
@@ -278,11 +320,13 @@ def run_search(
             forced = rng.choice(remaining)
             if not grid:
                 stats.explored += 1
-        if forced is not None:
-            study.enqueue_trial(forced.params())
-        trial = study.ask()
-        stats.asked += 1
-        point = suggest(trial, space)
+        sampler.force(forced.params() if forced is not None else None)
+        try:
+            trial = study.ask()
+            stats.asked += 1
+            point = suggest(trial, space)
+        finally:
+            sampler.force(None)
         if point.key not in by_key:
             trial.set_user_attr("invalid", True)
             study.tell(trial, state=TrialState.PRUNED)
