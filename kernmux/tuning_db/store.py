@@ -607,7 +607,7 @@ class TuningStore:
         try:
             with self.engine.connect() as conn:
                 return migrations.current_revision(conn)
-        except exc.SQLAlchemyError as e:
+        except (exc.SQLAlchemyError, RuntimeError) as e:  # RuntimeError: a damaged version table
             raise TuningDBError(f"tuning database {self.display_url}: {type(e).__name__}: {e}") from e
 
     @staticmethod
@@ -621,7 +621,7 @@ class TuningStore:
             with self.engine.connect() as conn:
                 current = migrations.current_revision(conn)
                 has_table = current is not None or sa.inspect(conn).has_table(Trial.__tablename__)
-        except exc.SQLAlchemyError as e:
+        except (exc.SQLAlchemyError, RuntimeError) as e:  # RuntimeError: a damaged version table
             raise TuningDBError(f"tuning database {self.display_url}: {type(e).__name__}: {e}") from e
         known = _known_revisions()
         if current is None:

@@ -159,3 +159,11 @@ def test_optuna_tables_are_left_alone(store_url):
     assert {"kernmux_trials", "kernmux_alembic_version", "studies", "trials", "alembic_version"} <= tables
     again = optuna.load_study(study_name="shared", storage=optuna.storages.RDBStorage(store_url))
     assert len(again.trials) == 2
+
+
+def test_revision_ids_are_file_names_in_chain_order():
+    # The store reads revisions from file names (without importing alembic): hold
+    # alembic's own view of the chain to that.
+    assert migrations.known_revisions() == migrations.alembic_revisions()
+    assert migrations.known_revisions()[0] == FIRST
+    assert TuningStore.head_revision() == migrations.known_revisions()[-1]
