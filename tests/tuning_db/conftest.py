@@ -5,7 +5,7 @@
   from Debian's binaries (``/usr/lib/postgresql/*/bin`` or PATH), run as the
   ``postgres`` user when the tests run as root, stopped at session end.
   ``scripts/ci_postgres.sh`` installs the binaries. Without them the PostgreSQL cases
-  are skipped, unless ``KERNMUX_REQUIRE_POSTGRES=1`` (set by CI) makes that a failure.
+  are skipped, unless ``KERNMUX_REQUIRE_POSTGRES=1`` or ``CI=true`` makes that a failure.
 * ``pg_url``: a fresh database on that server per test, dropped afterwards.
 * ``store_url``: parametrized over ``["sqlite", "postgresql"]``.
 * ``make_trial``: a factory of valid :class:`TrialRecord` s (keyword overrides).
@@ -121,12 +121,13 @@ class PostgresServer:
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
-    required = os.environ.get("KERNMUX_REQUIRE_POSTGRES") == "1"
+    # CI (CI=true) installs the binaries with scripts/ci_postgres.sh: never skip there.
+    required = os.environ.get("KERNMUX_REQUIRE_POSTGRES") == "1" or os.environ.get("CI") == "true"
     bindir = _find_pg_bin()
     if bindir is None:
         message = "PostgreSQL binaries (initdb, pg_ctl) not found; run scripts/ci_postgres.sh"
         if required:
-            pytest.fail(message + " (KERNMUX_REQUIRE_POSTGRES=1)")
+            pytest.fail(message + " (required: KERNMUX_REQUIRE_POSTGRES=1 or CI=true)")
         pytest.skip(message)
     pytest.importorskip("psycopg", reason="psycopg not installed (pip install 'kernmux[postgres]')")
     server = PostgresServer(bindir)
