@@ -85,9 +85,8 @@ def _guard(fn):
 @_guard
 def run_upgrade(args) -> int:
     with _open(args, create=True, check=False) as store:
-        before = store.revision()
-        status = store.schema_status()
-        if status != "current":
+        before = None if store.created else store.revision()
+        if store.schema_status() != "current":
             store.upgrade()
         after = store.revision()
         result = {"ok": True, "db": store.display_url, "from": before, "to": after, "changed": before != after}
@@ -140,6 +139,8 @@ def run_show(args) -> int:
         print("\nstudies:")
         for e in info["studies"]:
             print(f"  {e['study']}  {e['rows']} rows")
+    if info.get("latest"):
+        print("\nlatest rows:")
     for r in info.get("latest", []):
         timing = f"p50 {r['p50_us']:.2f} us" if r["p50_us"] is not None else (r["error"] or "")[:60]
         print(f"  #{r['id']} {r['created_at'][:19]} {r['op']}/{r['kernel']} {r['status']} {r['bucket']} {r['config']} {timing}")

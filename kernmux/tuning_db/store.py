@@ -540,10 +540,13 @@ class TuningStore:
         self._write_engine = self.engine.execution_options(kernmux_sqlite_begin="IMMEDIATE")
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         self._writer = sessionmaker(self._write_engine, expire_on_commit=False)
+        # True when this call created the schema (``kernmux db upgrade`` reports it).
+        self.created = False
         try:
             status = self.schema_status()
             if status == "empty" and create:
                 self._create_schema()
+                self.created = True
             elif check and status in ("older", "newer"):
                 raise self._mismatch(status)
         except BaseException:
