@@ -113,8 +113,9 @@ register_kernel(
         "num_warps": (4, 8),
         "num_stages": (1, 2, 3),
         "dot": ("bf16", "fp8", "tf32"),
+        "mma": ("hk", "kh"),
     },
-    default_config={"BLOCK_N": 64, "TILES": 0, "num_warps": 4, "num_stages": 2, "dot": "bf16"},
+    default_config={"BLOCK_N": 64, "TILES": 0, "num_warps": 4, "num_stages": 2, "dot": "bf16", "mma": "hk"},
     priority=20,
     doc="Triton paged kernel: one pass over the fp8 keys, tl.dot against all heads, next_n in (1, 2)",
 )

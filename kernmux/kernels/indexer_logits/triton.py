@@ -4,7 +4,8 @@ Each program owns one request and a span of ``TILES * BLOCK_N`` key positions. I
 loads the request's queries (all heads, all ``next_n`` queries) and weights once, then
 for each tile of ``BLOCK_N`` positions gathers the fp8 keys and fp32 scales through the
 block table (one read of each key byte), computes the ``[H, BLOCK_N]`` scores with one
-``tl.dot`` per query (the ``next_n`` queries share the loaded tile), scales, applies
+``tl.dot`` per query (the ``next_n`` queries share the loaded tile; config ``mma``
+orients it heads x keys or keys x heads), scales, applies
 relu, reduces over heads with the weights and writes the logits row(s); positions past
 a query's causal limit get ``-inf``. Heads are padded inside the kernel to ``HP``, a
 power of two >= 16 (the ``tl.dot`` minimum), with zero queries and zero weights, so the
@@ -30,6 +31,25 @@ from kernmux.dispatch.outputs import empty_output
 
 
 @triton.jit
+def _logits_of_query(q, w, k, scale, KEYS_FIRST: tl.constexpr):
+    """sum_h w[h] * relu((q[h] . k[n]) * scale[n]) for the BLOCK_N keys of the tile.
+
+    KEYS_FIRST: q is [D, HP] and the MMA is keys x heads (the head sum stays within a
+    warp); else q is [HP, D] and the MMA is heads x keys."""
+    if KEYS_FIRST:
+        s = tl.dot(k, q)  # [BLOCK_N, HP] fp32
+        s = tl.maximum(s * scale[:, None], 0.0)
+        logits = tl.sum(s * w[None, :], axis=1)
+    else:
+        s = tl.dot(q, tl.trans(k))  # [HP, BLOCK_N] fp32
+        s = tl.maximum(s * scale[None, :], 0.0)
+        logits = tl.sum(s * w[:, None], axis=0)
+    return logits
+
+
+# Sizes and the table/output row strides change with every batch shape; specialising on
+# them (divisibility by 16, == 1) would recompile per shape for no gain in this kernel.
+@triton.jit(do_not_specialize=["heads", "max_context", "max_blocks", "tiles_per_prog", "stride_tb", "stride_or"])
 def _indexer_logits_kernel(
     q_ptr, k_ptr, s_ptr, w_ptr, ctx_ptr, bt_ptr, out_ptr,
     heads, max_context, max_blocks, tiles_per_prog,
@@ -45,6 +65,7 @@ def _indexer_logits_kernel(
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     OPERAND: tl.constexpr,  # 0: fp8 as loaded, 1: bf16, 2: fp32 (tf32 MMA)
+    KEYS_FIRST: tl.constexpr,
 ):
     b = tl.program_id(0)
     span = tl.program_id(1)
@@ -67,6 +88,8 @@ def _indexer_logits_kernel(
         q0 = q0.to(tl.bfloat16)
     elif OPERAND == 2:
         q0 = q0.to(tl.float32)
+    if KEYS_FIRST:
+        q0 = tl.trans(q0)
     if NEXT_N == 2:
         q1 = tl.load(q_rows + stride_qn, mask=hmask[:, None], other=0.0)
         w1 = tl.load(w_row0 + stride_wr + offs_h * stride_wh, mask=hmask, other=0.0)
@@ -74,6 +97,8 @@ def _indexer_logits_kernel(
             q1 = q1.to(tl.bfloat16)
         elif OPERAND == 2:
             q1 = q1.to(tl.float32)
+        if KEYS_FIRST:
+            q1 = tl.trans(q1)
     table = bt_ptr + b.to(tl.int64) * stride_tb
 
     for t in range(0, n_tiles):
@@ -91,18 +116,13 @@ def _indexer_logits_kernel(
             k = k.to(tl.bfloat16)
         elif OPERAND == 2:
             k = k.to(tl.float32)
-        kt = tl.trans(k)
         out_mask = pos < max_context
 
-        s0 = tl.dot(q0, kt)  # [HP, BLOCK_N] fp32
-        s0 = tl.maximum(s0 * scale[None, :], 0.0)
-        l0 = tl.sum(s0 * w0[:, None], axis=0)
+        l0 = _logits_of_query(q0, w0, k, scale, KEYS_FIRST)
         l0 = tl.where(kv_mask & (pos <= ctx - NEXT_N), l0, float("-inf"))
         tl.store(out_row0 + pos, l0, mask=out_mask)
         if NEXT_N == 2:
-            s1 = tl.dot(q1, kt)
-            s1 = tl.maximum(s1 * scale[None, :], 0.0)
-            l1 = tl.sum(s1 * w1[:, None], axis=0)
+            l1 = _logits_of_query(q1, w1, k, scale, KEYS_FIRST)
             l1 = tl.where(kv_mask & (pos <= ctx - 1), l1, float("-inf"))
             tl.store(out_row0 + stride_or + pos, l1, mask=out_mask)
 
@@ -163,7 +183,8 @@ def indexer_logits_triton(
     config: dict,
 ) -> torch.Tensor:
     """Launcher: grid ``(B, spans)``; config keys BLOCK_N, TILES (0 = auto), num_warps,
-    num_stages, dot ("bf16" | "fp8"). Shapes as in the reference; any strides (a unit
+    num_stages, dot ("bf16" | "fp8" | "tf32"), mma ("hk": heads x keys, "kh": keys x
+    heads). Shapes as in the reference; any strides (a unit
     stride in the head dimension, which Triton specialises on, gives vector loads)."""
     batch, next_n, heads, head_dim = q.shape
     if next_n not in (1, 2) or head_dim not in (64, 128) or not 1 <= heads <= 128:
@@ -188,6 +209,7 @@ def indexer_logits_triton(
         PAGE=k_cache.shape[1],
         BLOCK_N=block_n,
         OPERAND=_operand(config.get("dot", "bf16")),
+        KEYS_FIRST=config.get("mma", "hk") == "kh",
         num_warps=int(config["num_warps"]),
         num_stages=int(config["num_stages"]),
     )

@@ -1,0 +1,274 @@
+"""indexer_logits on a GPU: parity grid first, then timings of Triton configs vs the torch reference.
+
+Run on the GPU machine (kernmux need not be installed):
+
+    PYTHONPATH=. python3 benchmarks/indexer_logits.py --out "$OUT"
+
+``--smoke`` runs tiny shapes on the CPU under TRITON_INTERPRET=1 to check the script.
+Writes ``indexer_logits_<tag>.json`` (one row per parity case / timing, each with the
+environment row) and ``indexer_logits_<tag>.md`` (summary against the issue's goals).
+
+Parity follows ``kernmux verify``: fresh inputs per case from the op's ``make_inputs``,
+outputs poisoned before the call, ``op.compare`` as the judge. Every timed config is
+also compared with the torch output on the timed inputs before it is timed. Timing:
+``kernmux.tuning_db.timing.measure`` (CUDA events, L2 flushed before each repetition),
+all requests at the full context, pages scattered over the cache in random order.
+Roofline: the op's ``roofline`` bytes over the measured copy ceiling (notes/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if os.environ.get("INDEXER_BENCH_SMOKE") == "1" or "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from kernmux.dispatch.outputs import poisoned_outputs  # noqa: E402
+from kernmux.dispatch.registry import REGISTRY  # noqa: E402
+from kernmux.kernels.indexer_logits import OP  # noqa: E402  (registers the op)
+from kernmux.kernels.indexer_logits.layout import split_page_layout  # noqa: E402
+from kernmux.kernels.indexer_logits.reference import indexer_logits as reference  # noqa: E402
+from kernmux.tuning_db.timing import environment_row, measure  # noqa: E402
+
+COPY_CEILING_TBS = 2.96  # H100 device-to-device copy, notes/performance.md
+MATMUL_CEILING_TFLOPS = 699.0  # bf16 8192^3, same source
+
+# Configs timed at every shape (the first is the registered default).
+TIMED_CONFIGS = [
+    {"BLOCK_N": 64, "TILES": 0, "num_warps": 4, "num_stages": 2, "dot": "bf16", "mma": "hk"},
+    {"BLOCK_N": 128, "TILES": 0, "num_warps": 8, "num_stages": 3, "dot": "bf16", "mma": "hk"},
+    {"BLOCK_N": 128, "TILES": 0, "num_warps": 4, "num_stages": 3, "dot": "bf16", "mma": "kh"},
+    {"BLOCK_N": 64, "TILES": 0, "num_warps": 4, "num_stages": 3, "dot": "fp8", "mma": "hk"},
+    {"BLOCK_N": 128, "TILES": 0, "num_warps": 4, "num_stages": 3, "dot": "fp8", "mma": "kh"},
+    {"BLOCK_N": 128, "TILES": 0, "num_warps": 8, "num_stages": 3, "dot": "bf16", "mma": "kh"},
+]
+
+
+def config_name(config: dict) -> str:
+    return f"N{config['BLOCK_N']}-w{config['num_warps']}-s{config['num_stages']}-{config['dot']}-{config['mma']}"
+
+
+def triton_fn():
+    from kernmux.kernels.indexer_logits.triton import indexer_logits_triton
+
+    return indexer_logits_triton
+
+
+def full_config(config: dict | None) -> dict:
+    return REGISTRY.kernels[OP]["triton"].full_config(config)
+
+
+def parity_case(feats: dict, seed: int, config: dict) -> dict:
+    """One verify-style check: fresh inputs, poisoned output, op.compare."""
+    op = REGISTRY.ops[OP]
+    args, _ = op.make_inputs(feats, feats["device"], seed)
+    expected = reference(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    row = {"kind": "parity", "kernel": "triton", "features": feats, "config": config, "seed": seed}
+    try:
+        with poisoned_outputs():
+            got = triton_fn()(*args, config=full_config(config))
+        if feats["device"] == "cuda":
+            torch.cuda.synchronize()
+    except Exception as e:  # a failure is a result
+        return {**row, "status": "error", "detail": f"{type(e).__name__}: {e}"[:500]}
+    result = op.compare(got, expected, feats)
+    return {**row, "status": "pass" if result.passed else "fail", "metrics": dict(result.metrics), "detail": result.detail}
+
+
+def parity_grid(device: str, smoke: bool) -> list[dict]:
+    contexts = (1, 63, 200) if smoke else (1, 63, 1000)
+    rows = []
+    seed = 0
+    for heads, next_n, context, block_size in itertools.product((8, 16, 32, 64), (1, 2), contexts, (16, 64)):
+        feats = dict(batch=3, next_n=next_n, heads=heads, head_dim=128, context=context, block_size=block_size, device=device)
+        rows.append(parity_case(feats, seed, {}))
+        seed += 1
+    # Head size 64, odd head counts, and the non-default configs on small problems.
+    extra = [
+        (dict(heads=16, next_n=2, head_dim=64, context=63, block_size=16), {}),
+        (dict(heads=7, next_n=1, head_dim=128, context=63, block_size=64), {}),
+        (dict(heads=128, next_n=2, head_dim=128, context=1000 if not smoke else 100, block_size=64), {}),
+    ]
+    # The timed configs are checked against torch at every timed shape (timing_rows).
+    for case, config in extra:
+        feats = dict(batch=3, device=device, **case)
+        rows.append(parity_case(feats, seed, config))
+        seed += 1
+    return rows
+
+
+def bench_inputs(batch: int, next_n: int, heads: int, head_dim: int, context: int, block_size: int, device: str, seed: int):
+    """Timed inputs, built on the device: every request at the full context, pages in
+    random order over a page-fused cache (the layout engines keep)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    pages = -(-context // block_size)
+    num_blocks = batch * pages + 1
+    table = torch.randperm(num_blocks, generator=gen, device=device)[: batch * pages].view(batch, pages).to(torch.int32)
+    fused = torch.empty(num_blocks, block_size * (head_dim + 4), dtype=torch.uint8, device=device)
+    step = max(1, (1 << 26) // (block_size * head_dim))  # ~256 MB of fp32 keys at a time
+    for start in range(0, num_blocks, step):
+        stop = min(num_blocks, start + step)
+        keys = torch.randn(stop - start, block_size, head_dim, generator=gen, device=device)
+        scale = keys.abs().amax(dim=-1).clamp_min(1e-4) / 448.0
+        fused[start:stop, : block_size * head_dim] = (keys / scale[..., None]).to(torch.float8_e4m3fn).view(torch.uint8).view(stop - start, -1)
+        fused[start:stop, block_size * head_dim :] = scale.view(torch.uint8).view(stop - start, -1)
+    k_cache, k_scale = split_page_layout(fused.view(num_blocks, block_size, 1, head_dim + 4), head_dim)
+    q = torch.randn(batch, next_n, heads, head_dim, generator=gen, device=device).to(torch.float8_e4m3fn)
+    weights = torch.randn(batch * next_n, heads, generator=gen, device=device) * heads**-0.5
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    return (q, k_cache, k_scale, weights, lens, table, context)
+
+
+def timing_rows(device: str, smoke: bool, deadline: float) -> list[dict]:
+    op = REGISTRY.ops[OP]
+    batches, contexts = ((1, 4), (256,)) if smoke else ((1, 64, 256), (4096, 8192))
+    heads, head_dim, block_size = (16, 64, 16) if smoke else (64, 128, 64)
+    timing = dict(warmup_ms=10.0, rep_ms=60.0) if not smoke else dict(warmup_ms=0.0, rep_ms=0.0, min_reps=1, max_reps=1)
+    rows = []
+    for next_n, batch, context in itertools.product((1, 2), batches, contexts):
+        feats = dict(batch=batch, next_n=next_n, heads=heads, head_dim=head_dim, context=context, block_size=block_size, device=device)
+        roof = op.roofline(feats, None)
+        base = {"kind": "timing", "features": feats, "roofline_bytes": roof.bytes, "roofline_flops": roof.flops}
+        if time.time() > deadline:
+            rows.append({**base, "kernel": "*", "status": "skipped", "detail": "time budget"})
+            continue
+        args = bench_inputs(batch, next_n, heads, head_dim, context, block_size, device, seed=batch * 10 + next_n)
+        expected = reference(*args)
+        t = measure(lambda: reference(*args), device=device, **timing)
+        torch_us = t.p50_us
+        rows.append({**base, "kernel": "torch", "config": {}, "status": "ok", **t.as_dict(), **_rates(roof, t.p50_us)})
+        for config in TIMED_CONFIGS:
+            row = {**base, "kernel": "triton", "config": config, "config_name": config_name(config)}
+            if time.time() > deadline:
+                rows.append({**row, "status": "skipped", "detail": "time budget"})
+                continue
+            fn = triton_fn()
+            cfg = full_config(config)
+            try:
+                with poisoned_outputs():
+                    got = fn(*args, config=cfg)
+                check = op.compare(got, expected, feats)
+                if not check.passed:
+                    rows.append({**row, "status": "numerics_failed", "metrics": dict(check.metrics), "detail": check.detail})
+                    continue
+                t = measure(lambda: fn(*args, config=cfg), device=device, **timing)
+            except Exception as e:
+                rows.append({**row, "status": "error", "detail": f"{type(e).__name__}: {e}"[:500]})
+                continue
+            rows.append({**row, "status": "ok", "metrics": dict(check.metrics), **t.as_dict(), **_rates(roof, t.p50_us), "speedup_vs_torch": torch_us / t.p50_us})
+        del args, expected
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _rates(roof, p50_us: float) -> dict:
+    tbs = roof.bytes / (p50_us * 1e6)
+    return {
+        "tb_per_s": tbs,
+        "frac_of_copy_ceiling": tbs / COPY_CEILING_TBS,
+        "tflops": roof.flops / (p50_us * 1e6),
+        "floor_us": roof.floor_us(COPY_CEILING_TBS, MATMUL_CEILING_TFLOPS),
+    }
+
+
+def summary(env: dict, parity: list[dict], timings: list[dict], command: str) -> str:
+    lines = [f"# indexer_logits on {env.get('gpu')}", ""]
+    lines.append(f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, {env.get('date')}. Command: `{command}`.")
+    lines.append(f"Roofline: the op's minimum bytes (keys + scales once, q, weights, table, logits) over the measured copy ceiling {COPY_CEILING_TBS} TB/s.")
+    lines.append("")
+    passed = sum(r["status"] == "pass" for r in parity)
+    lines.append(f"## Parity (before timing): {passed}/{len(parity)} cases pass")
+    for r in parity:
+        if r["status"] != "pass":
+            f = r["features"]
+            lines.append(f"- {r['status']}: heads={f['heads']} next_n={f['next_n']} context={f['context']} block_size={f['block_size']} config={r['config']}: {r.get('detail', '')}")
+    worst = max((r.get("metrics", {}).get("max_rel_err", 0.0) for r in parity if r["status"] == "pass"), default=0.0)
+    lines.append(f"Largest relative error among passing cases: {worst:.2e} (tolerance 1e-3).")
+    lines.append("")
+    lines.append("## Timings (p50 µs; H=64, D=128, block_size=64, all requests at full context)")
+    lines.append("")
+    lines.append("| next_n | B | context | torch µs | triton default µs | best triton µs (config) | best TB/s | % of copy ceiling | speedup vs torch |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    groups: dict[tuple, list[dict]] = {}
+    for r in timings:
+        f = r["features"]
+        groups.setdefault((f["next_n"], f["batch"], f["context"]), []).append(r)
+    goal_lines = []
+    for (next_n, batch, context), rows in groups.items():
+        torch_row = next((r for r in rows if r["kernel"] == "torch" and r["status"] == "ok"), None)
+        ok = [r for r in rows if r["kernel"] == "triton" and r["status"] == "ok"]
+        default = next((r for r in ok if r["config"] == TIMED_CONFIGS[0]), None)
+        best = min(ok, key=lambda r: r["p50_us"]) if ok else None
+        cells = [
+            str(next_n), str(batch), str(context),
+            f"{torch_row['p50_us']:.1f}" if torch_row else "-",
+            f"{default['p50_us']:.1f}" if default else "-",
+            f"{best['p50_us']:.1f} ({best['config_name']})" if best else "-",
+            f"{best['tb_per_s']:.2f}" if best else "-",
+            f"{100 * best['frac_of_copy_ceiling']:.0f}%" if best else "-",
+            f"{best['speedup_vs_torch']:.1f}x" if best else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+        if batch == 256 and context == 8192 and best:
+            met_bw = best["frac_of_copy_ceiling"] >= 0.5
+            met_x = best["speedup_vs_torch"] >= 10
+            goal_lines.append(
+                f"- next_n={next_n}, B=256, context 8192: {best['p50_us']:.1f} µs = {100 * best['frac_of_copy_ceiling']:.0f}% of the copy ceiling "
+                f"({'met' if met_bw else 'MISSED'} >= 50%), {best['speedup_vs_torch']:.1f}x torch ({'met' if met_x else 'MISSED'} >= 10x), config {best['config_name']}"
+            )
+    failed = [r for r in timings if r["status"] not in ("ok",)]
+    lines.append("")
+    lines.append("## Goals (issue: triton >= 50% of the bandwidth roofline at B=256, context 8192, and >= 10x torch)")
+    lines.extend(goal_lines or ["- not measured"])
+    if failed:
+        lines.append("")
+        lines.append("## Configs that did not produce a timing")
+        for r in failed:
+            f = r["features"]
+            lines.append(f"- next_n={f['next_n']} B={f['batch']} context={f['context']} {r['kernel']} {r.get('config_name', '')}: {r['status']} {r.get('detail', '')}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    parser.add_argument("--tag", default=None, help="file name tag (default: h100, or smoke)")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
+    parser.add_argument("--budget-s", type=float, default=170.0, help="stop starting new timings after this many seconds")
+    args = parser.parse_args()
+    start = time.time()
+    device = "cpu" if args.smoke else "cuda"
+    tag = args.tag or ("smoke" if args.smoke else "h100")
+    env = environment_row()
+    print(f"environment: {env}", flush=True)
+
+    parity = parity_grid(device, args.smoke)
+    print(f"parity: {sum(r['status'] == 'pass' for r in parity)}/{len(parity)} pass ({time.time() - start:.0f}s)", flush=True)
+    for r in parity:
+        if r["status"] != "pass":
+            print("  ", r["status"], r["features"], r["config"], r.get("detail", ""), flush=True)
+
+    timings = timing_rows(device, args.smoke, start + args.budget_s)
+    command = "PYTHONPATH=. python3 benchmarks/indexer_logits.py" + (" --smoke" if args.smoke else "")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{**env, **r} for r in parity + timings]
+    (out / f"indexer_logits_{tag}.json").write_text(json.dumps(rows, indent=1, default=str))
+    text = summary(env, parity, timings, command)
+    (out / f"indexer_logits_{tag}.md").write_text(text)
+    print(text, flush=True)
+    print(f"total {time.time() - start:.0f}s", flush=True)
+    return 0 if all(r["status"] == "pass" for r in parity) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
