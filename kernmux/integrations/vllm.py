@@ -294,8 +294,10 @@ def _vllm_version() -> str | None:
 
 
 def _configure_logging() -> None:
-    """Give the ``kernmux`` logger a handler in vLLM processes (vLLM only configures
-    its own ``vllm`` logger), formatted like vLLM's lines."""
+    """Make ``kernmux`` log lines visible in vLLM processes (vLLM only configures its
+    own ``vllm`` logger): reuse vLLM's handlers, so the lines carry vLLM's format and
+    process prefix, e.g. ``(Worker pid=123) INFO 11-22 15:21:16 [vllm.py:242] kernmux: ...``.
+    A logger the application configured (handlers on ``kernmux`` or the root) is left alone."""
     logger = logging.getLogger("kernmux")
     level = os.environ.get(LOG_LEVEL_ENV)
     if level:
@@ -304,9 +306,15 @@ def _configure_logging() -> None:
         logger.setLevel(logging.INFO)
     if logger.handlers or logging.getLogger().handlers:
         return
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [kernmux] %(message)s", "%m-%d %H:%M:%S"))
-    logger.addHandler(handler)
+    handlers = list(logging.getLogger("vllm").handlers)
+    if not handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(
+            logging.Formatter("%(levelname)s %(asctime)s [kernmux pid=%(process)d] %(message)s", "%m-%d %H:%M:%S")
+        )
+        handlers = [handler]
+    for handler in handlers:
+        logger.addHandler(handler)
     logger.propagate = False
 
 
