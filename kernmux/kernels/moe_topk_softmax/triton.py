@@ -37,7 +37,9 @@ from kernmux.kernels.moe_topk_softmax.triton_config import (
 )
 
 
-@triton.jit
+# Token and expert counts only feed masks and offsets: specialising on their value or
+# divisibility would only multiply compilations (one per batch size).
+@triton.jit(do_not_specialize=["num_tokens", "num_experts"])
 def _moe_topk_softmax_kernel(
     logits_ptr,
     weights_ptr,
@@ -124,6 +126,29 @@ def _moe_topk_softmax_kernel(
 
 # --------------------------------------------------------------------------- launcher
 
+# (tokens capped at 16, experts, topk, shared, config items) -> launch parameters. The
+# heuristic depends on tokens only below 16 rows, so the cache stays small; it keeps
+# the per-call host work to one dict lookup (the op is launch-bound at decode sizes).
+_LAUNCH: dict[tuple, tuple[int, int, int, bool, int]] = {}
+
+
+def _launch_params(
+    tokens: int, experts: int, topk: int, num_shared: int, config: Mapping[str, Any] | None
+) -> tuple[int, int, int, bool, int]:
+    key = (min(tokens, 16), experts, topk, num_shared, tuple(sorted(config.items())) if config else ())
+    params = _LAUNCH.get(key)
+    if params is None:
+        cfg = {**heuristic_config(tokens, experts), **(config or {})}
+        params = (
+            int(cfg["rows"]),
+            block_e(experts),
+            max(2, next_power_of_two(topk + num_shared)),
+            cfg["select"] == "packed",
+            int(cfg["num_warps"]),
+        )
+        _LAUNCH[key] = params
+    return params
+
 
 def moe_topk_softmax(
     gating_logits: torch.Tensor,
@@ -141,14 +166,13 @@ def moe_topk_softmax(
     """
     tokens, width = gating_logits.shape
     experts = width - num_shared
-    weights = empty_output((tokens, topk + num_shared), torch.float32, gating_logits.device)
-    ids = empty_output((tokens, topk + num_shared), torch.int32, gating_logits.device)
+    device = gating_logits.device
+    weights = empty_output((tokens, topk + num_shared), torch.float32, device)
+    ids = empty_output((tokens, topk + num_shared), torch.int32, device)
     if tokens == 0:
         return weights, ids
-    cfg = {**heuristic_config(tokens, experts), **(config or {})}
-    rows = int(cfg["rows"])
-    grid = (triton.cdiv(tokens, rows),)
-    _moe_topk_softmax_kernel[grid](
+    rows, block, block_out, packed, warps = _launch_params(tokens, experts, topk, num_shared, config)
+    _moe_topk_softmax_kernel[((tokens + rows - 1) // rows,)](
         gating_logits,
         weights,
         ids,
@@ -160,9 +184,9 @@ def moe_topk_softmax(
         S=num_shared,
         RENORM=bool(renormalize),
         ROWS=rows,
-        BLOCK_E=block_e(experts),
-        BLOCK_OUT=max(2, next_power_of_two(topk + num_shared)),
-        PACKED=cfg["select"] == "packed",
-        num_warps=int(cfg["num_warps"]),
+        BLOCK_E=block,
+        BLOCK_OUT=block_out,
+        PACKED=packed,
+        num_warps=warps,
     )
     return weights, ids
