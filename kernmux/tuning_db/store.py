@@ -590,13 +590,20 @@ class TuningStore:
             session.close()
 
     def _retry(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` again (with backoff) while SQLite answers "database is locked"."""
+        """Run ``fn`` again (with backoff) while SQLite answers "database is locked" at once.
+
+        The busy timeout already waits for a lock that is held; what reaches here fast
+        is SQLite's immediate SQLITE_BUSY (a stale read snapshot, WAL recovery). An
+        attempt that waited out the whole busy timeout is not retried: that lock is
+        held by something that is not letting go."""
         delay = 0.05
         for attempt in range(LOCK_RETRIES):
+            start = time.monotonic()
             try:
                 return fn()
             except TuningDBError as e:
-                if attempt == LOCK_RETRIES - 1 or not _is_lock_error(e.__cause__):
+                waited_out = time.monotonic() - start >= 0.9 * BUSY_TIMEOUT_S
+                if attempt == LOCK_RETRIES - 1 or waited_out or not _is_lock_error(e.__cause__):
                     raise
                 log.debug("kernmux: tuning database locked, retry %d", attempt + 1)
                 time.sleep(delay * (1 + random.random()))
