@@ -6,10 +6,10 @@ seeds), with the curve.
 
 Steps (each a subcommand; ``device`` runs the two that need the GPU in one call):
 
-1. ``grid``   measure every valid point of the kernel's space once, through the tuner's own
-              trial path (fresh inputs, numerics gate, ``timing.measure``, one isolated
-              worker). Triton compilation is done first by several processes in parallel
-              (same disk cache), so the grid costs compile time once, not per point serially.
+1. ``grid``   measure every valid point of the kernel's space once: numerics gate (poisoned
+              outputs, ``op.compare``) and compilation in several processes in parallel (one
+              Triton disk cache), then one timing per point with ``timing.measure`` on one
+              input set. Results are written as they come (a cut-off run keeps its rows).
 2. ``live``   one real ``tune`` run on the GPU (TPE, the 30% budget, trial workers, a SQLite
               database holding the store and the optuna study), to confirm the replay.
 3. ``replay`` optuna TPE driven by the tuner's own search loop over the *measured* grid table,
@@ -41,6 +41,7 @@ DEFAULT_OP = "indexer_logits"
 DEFAULT_FEATURES = {"batch": 64, "next_n": 1, "heads": 64, "head_dim": 128, "context": 4096, "block_size": 64}
 BUDGET_FRACTION = 0.30
 TOLERANCE = 0.05
+MIN_POINTS = 48
 
 
 # --------------------------------------------------------------------------- helpers
@@ -59,25 +60,60 @@ def _features(op_name: str, items: list[str], device: str) -> dict[str, Any]:
     return feats
 
 
-def _spec(op: str, point: Any, features: dict, device: str, seed: int, warmup_ms: float, rep_ms: float) -> Any:
-    from kernmux.tuning_db.trial import TrialSpec
+def _fixed(op: str, kernel: str, items: list[str]) -> dict[str, Any]:
+    """``["dot=bf16"]`` -> {"dot": "bf16"}, values typed like the kernel's config space."""
+    from kernmux.dispatch.registry import REGISTRY
 
-    return TrialSpec(op=op, kernel=point.kernel, features=features, config=point.config_dict, device=device,
-                     seed=seed, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    space = REGISTRY.kernels_of(op)[kernel].config_space
+    fixed = {}
+    for item in items:
+        key, _, text = item.partition("=")
+        if key not in space:
+            raise SystemExit(f"--fix {item}: {key!r} is not a parameter of {kernel} ({sorted(space)})")
+        matches = [v for v in space[key] if str(v) == text]
+        if not matches:
+            raise SystemExit(f"--fix {item}: {text!r} is not among {list(space[key])}")
+        fixed[key] = matches[0]
+    return fixed
 
 
-def _compile_shard(args: tuple) -> list[dict[str, Any]]:
-    """Child of the compile pool: run each point once (compiles it, checks numerics)."""
-    op, points, features, device = args
-    from kernmux.tuning_db.trial import run_trial
+def _gate_shard(args: tuple) -> list[dict[str, Any]]:
+    """Child of the compile pool: one input set, then each point once (compiles it) and
+    through the numerics gate (poisoned outputs, ``op.compare`` against the reference)."""
+    op_name, points, features, device, seed = args
+    from kernmux.dispatch.outputs import poisoned_outputs
+    from kernmux.dispatch.registry import REGISTRY
 
+    op = REGISTRY.op(op_name)
+    kernels = REGISTRY.kernels_of(op_name)
+    inputs, kwargs = op.make_inputs(features, device, seed)
+    reference = op.reference(*inputs, **kwargs)
     out = []
-    for i, point in enumerate(points):
+    for point in points:
         t0 = time.perf_counter()
-        record = run_trial(_spec(op, point, features, device, 1000 + i, 0.0, 0.0))
-        out.append({"point": point.key, "status": record.status, "error": record.error,
-                    "seconds": time.perf_counter() - t0})
+        try:
+            fn = kernels[point.kernel].bind(point.config_dict)
+            with poisoned_outputs():
+                result = fn(*inputs, **kwargs)
+            _sync(device)
+            comparison = op.compare(result, reference, features)
+            status = "ok" if comparison.passed else "numerics_failed"
+            error = None if comparison.passed else comparison.detail
+        except Exception as e:  # a failing config is a result
+            status, error = "error", f"{type(e).__name__}: {e}"[:300]
+        out.append({"point": point.key, "status": status, "error": error, "seconds": time.perf_counter() - t0})
     return out
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _us(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f} us"
 
 
 def _point_from_key(key: str) -> Any:
@@ -91,43 +127,61 @@ def _point_from_key(key: str) -> Any:
 
 
 def run_grid(op: str, kernel: str, features: dict, *, warmup_ms: float, rep_ms: float, procs: int,
-             limit: int | None, timeout_s: float) -> dict[str, Any]:
+             limit: int | None, fixed: dict[str, Any], out_path: pathlib.Path, started: float) -> dict[str, Any]:
+    """Every valid point: numerics gate + compile in ``procs`` processes, then one timing
+    each with ``timing.measure`` on one input set (written to ``out_path`` as it goes)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from kernmux.dispatch.platform import current_platform
+    from kernmux.dispatch.registry import REGISTRY
     from kernmux.tuning_db.search import build_space
-    from kernmux.tuning_db.timing import environment_row
-    from kernmux.tuning_db.worker import TrialWorker
+    from kernmux.tuning_db.timing import environment_row, measure
 
     platform = current_platform()
     device = "cuda" if features["device"] == "cuda" else "cpu"
     space = build_space(op, features, platform, [kernel])
-    points = list(space.points)[: limit or None]
+    points = [p for p in space.points if all(p.config_dict.get(k) == v for k, v in fixed.items())][: limit or None]
     if not points:
         raise SystemExit(f"no valid point: {dict(space.skipped)}")
+    grid: dict[str, Any] = {
+        "environment": environment_row(), "op": op, "kernel": kernel, "features": features, "fixed": fixed,
+        "points": len(points), "space_points": len(space), "warmup_ms": warmup_ms, "rep_ms": rep_ms,
+        "compile_procs": procs, "compile_seconds": None, "timing_seconds": None, "complete": False, "rows": [],
+    }
     t0 = time.perf_counter()
-    compile_status: dict[str, dict] = {}
-    if procs > 1:
-        shards = [(op, points[i::procs], features, device) for i in range(procs)]
-        with multiprocessing.get_context("spawn").Pool(procs) as pool:
-            for part in pool.map(_compile_shard, shards):
-                for row in part:
-                    compile_status[row["point"]] = row
-    compile_s = time.perf_counter() - t0
+    gate: dict[str, dict] = {}
+    shards = [(op, points[i::procs], features, device, 1000 + i) for i in range(procs)]
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for part in pool.map(_gate_shard, [s for s in shards if s[1]]):
+            for row in part:
+                gate[row["point"]] = row
+    grid["compile_seconds"] = time.perf_counter() - t0
+    print(f"[{time.perf_counter() - started:6.1f}s] gate+compile pass: {len(gate)} points in "
+          f"{grid['compile_seconds']:.1f} s, {sum(r['status'] == 'ok' for r in gate.values())} ok", flush=True)
+    the_op, impl = REGISTRY.op(op), REGISTRY.kernels_of(op)[kernel]
+    inputs, kwargs = the_op.make_inputs(features, device, 0)
     t1 = time.perf_counter()
-    rows = []
-    with TrialWorker() as worker:
-        for i, point in enumerate(points):
-            record = worker.run(_spec(op, point, features, device, i, warmup_ms, rep_ms), timeout_s)
-            rows.append({"point": point.key, "config": point.config_dict, "status": record.status,
-                         "p50_us": record.p50_us, "p20_us": record.p20_us, "p80_us": record.p80_us,
-                         "reps": record.reps, "metrics": record.metrics,
-                         "error": (record.error or "")[:300] or None,
-                         "compile_status": compile_status.get(point.key, {}).get("status")})
-            print(f"grid {i + 1}/{len(points)} {point.label()} {record.status} "
-                  f"{'' if record.p50_us is None else f'{record.p50_us:.2f} us'}", flush=True)
-    timing_s = time.perf_counter() - t1
-    return {"environment": environment_row(), "op": op, "kernel": kernel, "features": features,
-            "points": len(points), "space_points": len(space), "warmup_ms": warmup_ms, "rep_ms": rep_ms,
-            "compile_procs": procs, "compile_seconds": compile_s, "timing_seconds": timing_s, "rows": rows}
+    for i, point in enumerate(points):
+        checked = gate[point.key]
+        row = {"point": point.key, "config": point.config_dict, "status": checked["status"], "p50_us": None,
+               "p20_us": None, "p80_us": None, "reps": None, "error": checked["error"],
+               "gate_seconds": checked["seconds"]}
+        if checked["status"] == "ok":
+            fn = impl.bind(point.config_dict)
+            try:
+                timing = measure(lambda: fn(*inputs, **kwargs), device=device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+                row.update(p50_us=timing.p50_us, p20_us=timing.p20_us, p80_us=timing.p80_us, reps=timing.reps)
+            except Exception as e:
+                row.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
+        grid["rows"].append(row)
+        grid["timing_seconds"] = time.perf_counter() - t1
+        if i % 16 == 15 or i == len(points) - 1:
+            grid["complete"] = i == len(points) - 1
+            out_path.write_text(json.dumps(grid, indent=1))
+        print(f"[{time.perf_counter() - started:6.1f}s] grid {i + 1}/{len(points)} {point.label()} {row['status']} "
+              f"{_us(row['p50_us'])}",
+              flush=True)
+    return grid
 
 
 # --------------------------------------------------------------------------- live
@@ -139,7 +193,7 @@ def run_live(grid: dict[str, Any], *, seed: int, url: str, timeout_s: float) -> 
     budget = max(1, int(math.floor(BUDGET_FRACTION * grid["points"])))
     settings = TuneSettings(op=grid["op"], kernels=(grid["kernel"],), trials=budget, sampler="tpe", seed=seed,
                             url=url, timeout_s=timeout_s, warmup_ms=grid["warmup_ms"], rep_ms=grid["rep_ms"],
-                            baseline=None)
+                            baseline=None, fixed={grid["kernel"]: grid.get("fixed") or {}})
     trials: list[dict[str, Any]] = []
 
     def progress(event: dict[str, Any]) -> None:
@@ -293,7 +347,8 @@ def report(directory: pathlib.Path, prefix: str) -> None:
     for s, _ in table.values():
         statuses[s] = statuses.get(s, 0) + 1
     tpe = next(s for s in summaries if s["sampler"] == "tpe")
-    met = tpe["median_ratio_at_budget"] is not None and tpe["median_ratio_at_budget"] <= 1 + TOLERANCE
+    met = (tpe["median_ratio_at_budget"] is not None and tpe["median_ratio_at_budget"] <= 1 + TOLERANCE
+           and grid["points"] >= MIN_POINTS and grid.get("complete", True))
     lines = [
         f"# {title}", "",
         f"Environment: {env['gpu']}, torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}, "
@@ -305,11 +360,16 @@ def report(directory: pathlib.Path, prefix: str) -> None:
         f"**{'Met' if met else 'Missed'}**: TPE's median best after {tpe['budget']} of {tpe['points']} evaluations is "
         f"{tpe['median_ratio_at_budget']:.3f}x the grid best ({tpe['seeds_within_5pct_at_budget']}/{tpe['seeds']} seeds "
         f"within 5%; worst seed {tpe['worst_ratio_at_budget']:.3f}x); median evaluations to reach 5%: "
-        f"{_evals(tpe)}.", "",
+        f"{_evals(tpe)}."
+        + (f" The grid has {grid['points']} points, fewer than the {MIN_POINTS} the goal asks for."
+           if grid["points"] < MIN_POINTS else "")
+        + ("" if grid.get("complete", True) else " The grid run was cut off before its last point."), "",
         "## The grid (every valid point measured once)", "",
-        f"{grid['points']} points ({grid['space_points']} valid for these features), statuses: {statuses}. "
-        f"Timing: warm-up {grid['warmup_ms']} ms, {grid['rep_ms']} ms of repetitions per point, L2 flushed, CUDA events; "
-        f"each point first passed the numerics gate on fresh inputs.",
+        f"{grid['points']} points ({grid['space_points']} valid for these features"
+        + (f"; sub-space with {grid['fixed']} fixed" if grid.get("fixed") else "") + f"), statuses: {statuses}. "
+        f"Each point first went through the numerics gate (poisoned outputs, the op's tolerance against the "
+        f"reference; compiled in {grid['compile_procs']} processes), then was timed with `timing.measure`: warm-up "
+        f"{grid['warmup_ms']} ms, {grid['rep_ms']} ms of repetitions, L2 flushed, CUDA events, median.",
         f"Grid best {best:.2f} us, median of ok points {statistics.median(ok):.2f} us, worst {ok[-1]:.2f} us "
         f"(spread {ok[-1] / best:.1f}x). Points within 5% of the best: "
         f"{sum(1 for v in ok if v <= best * (1 + TOLERANCE))}.",
@@ -326,16 +386,19 @@ def report(directory: pathlib.Path, prefix: str) -> None:
               "(no measurement), as the tuner does; `random` is the same loop visiting unmeasured points "
               "in random order.", ""]
     if live:
-        trials_ok = [t for t in live["trials"] if t["status"] == "ok"]
-        live_best = min(t["p50_us"] for t in trials_ok) if trials_ok else None
-        key = json.dumps([grid["kernel"], live["best_config"]], sort_keys=True, separators=(",", ":"))
+        trials_ok = [t for t in live["trials"] if t["status"] == "ok" and t["p50_us"] is not None]
+        best_trial = min(trials_ok, key=lambda t: t["p50_us"]) if trials_ok else None
+        live_best = best_trial["p50_us"] if best_trial else None
+        # The trial's point (its searched parameters), as the grid keyed it.
+        key = json.dumps([grid["kernel"], best_trial["config"]] if best_trial else None, sort_keys=True,
+                         separators=(",", ":"))
         grid_of_live = table.get(key, (None, None))[1]
         lines += [
             "## Live run on the GPU (kernmux tune, same budget)", "",
             f"`tune` with TPE seed {live['seed']}, {live['budget']} measurements in isolated trial workers, "
             f"store and study in one SQLite database: {len(live['trials'])} trials in {live['seconds']:.0f} s.",
             f"Live best {live_best:.2f} us ({live_best / best:.3f}x the grid best measured earlier) with config "
-            f"`{json.dumps(live['best_config'], sort_keys=True)}`, which the grid had measured at "
+            f"`{json.dumps(best_trial['config'], sort_keys=True) if best_trial else None}`, which the grid had measured at "
             f"{'-' if grid_of_live is None else f'{grid_of_live:.2f} us ({grid_of_live / best:.3f}x)'}." if live_best else
             "Live run found no ok point.", "",
         ]
@@ -367,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--rep-ms", type=float, default=20.0)
         p.add_argument("--procs", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
         p.add_argument("--limit", type=int, default=None, help="first N points only (smoke tests)")
+        p.add_argument("--fix", action="append", default=[], metavar="PARAM=VALUE",
+                       help="search the sub-space with PARAM fixed (repeatable; recorded in the results)")
         p.add_argument("--timeout", type=float, default=120.0)
         p.add_argument("--out", required=True)
         p.add_argument("--prefix", default="search_efficiency")
@@ -388,9 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         features = _features(args.op, args.features, args.device)
+        fixed = _fixed(args.op, args.kernel, args.fix)
         grid = run_grid(args.op, args.kernel, features, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-                        procs=args.procs, limit=args.limit, timeout_s=args.timeout)
-        (out / f"{args.prefix}_grid.json").write_text(json.dumps(grid, indent=1))
+                        procs=args.procs, limit=args.limit, fixed=fixed,
+                        out_path=out / f"{args.prefix}_grid.json", started=started)
         if args.cmd == "device":
             db = pathlib.Path("/tmp") / f"kernmux_search_{os.getpid()}.sqlite"
             if time.perf_counter() - started > args.live_after_s:

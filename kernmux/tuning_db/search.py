@@ -142,6 +142,13 @@ def build_space(
     return SearchSpace.from_points(points, skipped)
 
 
+def restrict(space: SearchSpace, fixed: Mapping[str, Mapping[str, Any]]) -> SearchSpace:
+    """The points of ``space`` whose config agrees with ``fixed[kernel]`` (kernel -> params)."""
+    kept = [p for p in space.points
+            if all(p.config_dict.get(k) == v for k, v in (fixed.get(p.kernel) or {}).items())]
+    return SearchSpace.from_points(kept, space.skipped)
+
+
 # --------------------------------------------------------------------------- samplers
 
 

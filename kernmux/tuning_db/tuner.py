@@ -35,6 +35,7 @@ from kernmux.tuning_db.search import (
     build_space,
     fail_stale_trials,
     make_sampler,
+    restrict,
     retrying,
     run_search,
 )
@@ -65,6 +66,7 @@ class TuneSettings:
     imports: modules every process imports first (e.g. one registering test-only ops).
     baseline: kernel measured first in every study so a speed-up is always known.
     startup_trials: TPE's random start (None: a default scaled to the space).
+    fixed: kernel -> {param: value}: search only that kernel's sub-space (benchmarks).
     """
 
     op: str
@@ -82,6 +84,7 @@ class TuneSettings:
     imports: tuple[str, ...] = ()
     baseline: str | None = "torch"
     startup_trials: int | None = None
+    fixed: Mapping[str, Mapping[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,8 @@ def make_plans(settings: TuneSettings, feature_sets: Sequence[Mapping[str, Any]]
     for features in feature_sets:
         features = dict(features)
         space = build_space(settings.op, features, platform, settings.kernels)
+        if settings.fixed:
+            space = restrict(space, settings.fixed)
         name = study_name(settings.op, features, platform, settings.sampler, space)
         plans.append(Plan(features, dict(op.bucket(features)), space, name))
     return plans
