@@ -1,0 +1,76 @@
+"""``bench`` (side-by-side timings, roofline fraction), measured ceilings, sub-space restriction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kernmux.dispatch.registry import Roofline
+from kernmux.tuning_db.bench import bench
+from kernmux.tuning_db.ceilings import ceilings_for
+from kernmux.tuning_db.search import Point, SearchSpace, restrict
+from tests.tuning_db import fault_kernels
+
+OP = fault_kernels.OP
+FAST = {"warmup_ms": 0.5, "rep_ms": 1.0}
+
+
+@pytest.mark.parametrize("name", ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "nvidia h100 nvl"])
+def test_h100_ceilings_are_the_measured_ones(name):
+    c = ceilings_for(name)
+    assert (c.bandwidth_tbs, c.tflops) == (2.96, 699.0) and "2026-11-22" in c.source
+
+
+@pytest.mark.parametrize("name", ["cpu", "NVIDIA A100-SXM4-80GB", "AMD Instinct MI300X"])
+def test_unmeasured_devices_have_no_ceilings(name):
+    assert ceilings_for(name) is None
+
+
+@pytest.mark.parametrize(
+    "roofline, expected_us",
+    [(Roofline(bytes=2.96e6, flops=0.0), 1.0),  # memory-bound: 2.96 MB at 2.96 TB/s
+     (Roofline(bytes=0.0, flops=699e6 * 3), 3.0),  # compute-bound
+     (Roofline(bytes=2.96e6, flops=699e6 * 3), 3.0)],  # the larger term wins
+)
+def test_roofline_floor_uses_the_larger_term(roofline, expected_us):
+    assert ceilings_for("H100").floor_us(roofline) == pytest.approx(expected_us)
+
+
+def test_bench_gates_numerics_and_reports_achieved_bandwidth():
+    fault_kernels.register()
+    feats = [{"n": 33, "device": "cpu"}, {"n": 4096, "device": "cpu"}]
+    rows, ceilings = bench(OP, feats, ["torch", "good", "wrong"], **FAST)
+    assert ceilings is None, "CPU: no measured ceilings, no fraction"
+    assert [(r.features["n"], r.kernel, r.status) for r in rows] == [
+        (33, "torch", "ok"), (33, "good", "ok"), (33, "wrong", "numerics_failed"),
+        (4096, "torch", "ok"), (4096, "good", "ok"), (4096, "wrong", "numerics_failed")]
+    for r in rows:
+        if r.status == "ok":
+            assert r.achieved_tbs == pytest.approx(8.0 * r.features["n"] / (r.p50_us * 1e6))
+            assert r.fraction is None and r.floor_us is None
+        else:
+            assert r.p50_us is None and r.achieved_tbs is None and "numerics" in r.error
+    assert rows[1].config == {"chunk": 1, "order": "fwd"}, "kernels are benched at their default config"
+
+
+def test_cli_bench_json_and_exit_codes(capsys):
+    from kernmux.cli.main import main
+
+    fault_kernels.register()
+    base = ["bench", OP, "n=64", "--warmup-ms", "0.5", "--rep-ms", "1"]
+    assert main([*base, "--kernels", "torch,good", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["kernel"] for r in data["rows"]] == ["torch", "good"] and data["ceilings"] is None
+    assert data["environment"]["torch"]
+    assert main([*base, "--kernels", "good,nan"]) == 1, "a kernel failing the gate fails the check"
+    out = capsys.readouterr().out
+    assert "numerics_failed" in out and "no measured ceilings" in out
+    assert main([*base, "--kernels", "nope"]) == 2
+
+
+def test_restrict_keeps_only_the_fixed_sub_space():
+    points = [Point.of("a", {"x": x, "y": y}) for x in (1, 2) for y in ("p", "q")] + [Point.of("b")]
+    space = restrict(SearchSpace.from_points(points), {"a": {"y": "q"}})
+    assert [p.config_dict for p in space.points] == [{"x": 1, "y": "q"}, {"x": 2, "y": "q"}, {}]
+    assert dict(space.choices["a"]) == {"x": (1, 2), "y": ("q",)}
