@@ -149,7 +149,7 @@ def open_source(url: str | None = None, *, check_interval_s: float = CHECK_INTER
     if path is not None and not path.exists():
         return None
     store = TuningStore(resolved, create=False)
-    if store.schema_status() == "empty":
+    if store.opened_status == "empty":
         store.close()
         return None
     source = TuningSource(store, check_interval_s=check_interval_s)

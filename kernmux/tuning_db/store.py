@@ -504,7 +504,7 @@ def _known_revisions() -> tuple[str, ...]:
 def _hide_password(url: str) -> str:
     try:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except exc.ArgumentError:
+    except (exc.ArgumentError, ValueError):
         return url
 
 
@@ -526,7 +526,10 @@ class TuningStore:
         self.url = normalize_url(url) if url else default_url()
         self.display_url = _hide_password(self.url)
         path = sqlite_path(self.url)
-        self.backend = sa.engine.make_url(self.url).get_backend_name()
+        try:
+            self.backend = sa.engine.make_url(self.url).get_backend_name()
+        except (exc.ArgumentError, ValueError) as e:
+            raise TuningDBError(f"not a database URL or path: {self.display_url!r}: {e}") from e
         if path is not None:
             if create:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -534,7 +537,7 @@ class TuningStore:
                 raise TuningDBError(f"no tuning database at {path} (create one with `kernmux db upgrade --db {self.url}`)")
         try:
             self.engine = _make_engine(self.url)
-        except (exc.ArgumentError, ImportError) as e:
+        except (exc.ArgumentError, ValueError, ImportError) as e:
             raise TuningDBError(f"cannot open tuning database {self.display_url}: {e}") from e
         # Same pool; SQLite transactions from this one begin IMMEDIATE (writers).
         self._write_engine = self.engine.execution_options(kernmux_sqlite_begin="IMMEDIATE")
@@ -543,10 +546,11 @@ class TuningStore:
         # True when this call created the schema (``kernmux db upgrade`` reports it).
         self.created = False
         try:
-            status = self.schema_status()
+            status = self.opened_status = self.schema_status()
             if status == "empty" and create:
                 self._create_schema()
                 self.created = True
+                self.opened_status = "current"
             elif check and status in ("older", "newer"):
                 raise self._mismatch(status)
         except BaseException:

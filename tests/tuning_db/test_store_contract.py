@@ -295,3 +295,9 @@ def test_record_for_platform_fills_identity(platform):
     assert record.fingerprint == platform.fingerprint()
     assert "libs" not in record.platform
     assert record.libs == {"torch": "2.9.0", "triton": "3.5.0", "vllm": "0.11.0"}
+
+
+@pytest.mark.parametrize("url", ["foo://bar:baz", "nodriver+x://host/db"])
+def test_bad_urls_raise_typed_errors(url):
+    with pytest.raises(TuningDBError, match="not a database URL|cannot open"):
+        TuningStore(url)
