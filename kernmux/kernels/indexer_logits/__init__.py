@@ -109,13 +109,15 @@ register_kernel(
     supports=triton_supports,
     config_space={
         "BLOCK_N": (32, 64, 128),
-        "TILES": (0, 1, 4, 16),
+        "TILES": (0, 1, 4, 8, 16, 32),
         "num_warps": (4, 8),
-        "num_stages": (1, 2, 3),
+        "num_stages": (1, 2, 3, 4),
         "dot": ("bf16", "fp8", "tf32"),
         "mma": ("hk", "kh"),
+        "prefetch": (0, 1),
     },
-    default_config={"BLOCK_N": 64, "TILES": 0, "num_warps": 4, "num_stages": 2, "dot": "bf16", "mma": "hk"},
+    # Best at B=256, context 8192 on an H100 (benchmarks/results/indexer_logits_h100.md).
+    default_config={"BLOCK_N": 128, "TILES": 0, "num_warps": 8, "num_stages": 3, "dot": "bf16", "mma": "kh", "prefetch": 0},
     priority=20,
     doc="Triton paged kernel: one pass over the fp8 keys, tl.dot against all heads, next_n in (1, 2)",
 )

@@ -31,6 +31,18 @@ from kernmux.dispatch.outputs import empty_output
 
 
 @triton.jit
+def _load_keys(k_ptr, s_ptr, table, pos, end, offs_d, stride_kb, stride_kt, stride_kd, stride_sb, stride_st, stride_tm, PAGE: tl.constexpr):
+    """fp8 keys [BLOCK_N, D] and fp32 scales [BLOCK_N] of positions ``pos`` through the
+    block table; positions >= ``end`` read nothing (zeros)."""
+    mask = pos < end
+    page = tl.load(table + (pos // PAGE) * stride_tm, mask=mask, other=0).to(tl.int64)
+    slot = pos % PAGE
+    k = tl.load(k_ptr + page[:, None] * stride_kb + slot[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=mask[:, None], other=0.0)
+    scale = tl.load(s_ptr + page * stride_sb + slot * stride_st, mask=mask, other=0.0)
+    return k, scale
+
+
+@triton.jit
 def _logits_of_query(q, w, k, scale, KEYS_FIRST: tl.constexpr):
     """sum_h w[h] * relu((q[h] . k[n]) * scale[n]) for the BLOCK_N keys of the tile.
 
@@ -66,6 +78,7 @@ def _indexer_logits_kernel(
     BLOCK_N: tl.constexpr,
     OPERAND: tl.constexpr,  # 0: fp8 as loaded, 1: bf16, 2: fp32 (tf32 MMA)
     KEYS_FIRST: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     b = tl.program_id(0)
     span = tl.program_id(1)
@@ -101,17 +114,21 @@ def _indexer_logits_kernel(
             q1 = tl.trans(q1)
     table = bt_ptr + b.to(tl.int64) * stride_tb
 
+    # Positions this program may read: its own span, within the request's keys.
+    span_end = tl.minimum(kv_end, first + tiles_per_prog * BLOCK_N)
+    if PREFETCH:
+        k_next, scale_next = _load_keys(k_ptr, s_ptr, table, first + offs_n, span_end, offs_d, stride_kb, stride_kt, stride_kd, stride_sb, stride_st, stride_tm, PAGE)
     for t in range(0, n_tiles):
         pos = first + t * BLOCK_N + offs_n
         kv_mask = pos < kv_end
-        page = tl.load(table + (pos // PAGE) * stride_tm, mask=kv_mask, other=0).to(tl.int64)
-        slot = pos % PAGE
-        k = tl.load(
-            k_ptr + page[:, None] * stride_kb + slot[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-            mask=kv_mask[:, None],
-            other=0.0,
-        )
-        scale = tl.load(s_ptr + page * stride_sb + slot * stride_st, mask=kv_mask, other=0.0)
+        if PREFETCH:
+            # Register double buffer: the next tile's loads are in flight during this
+            # tile's MMA and epilogue (Triton does not pipeline these gathered loads).
+            k = k_next
+            scale = scale_next
+            k_next, scale_next = _load_keys(k_ptr, s_ptr, table, pos + BLOCK_N, span_end, offs_d, stride_kb, stride_kt, stride_kd, stride_sb, stride_st, stride_tm, PAGE)
+        else:
+            k, scale = _load_keys(k_ptr, s_ptr, table, pos, span_end, offs_d, stride_kb, stride_kt, stride_kd, stride_sb, stride_st, stride_tm, PAGE)
         if OPERAND == 1:
             k = k.to(tl.bfloat16)
         elif OPERAND == 2:
@@ -184,7 +201,7 @@ def indexer_logits_triton(
 ) -> torch.Tensor:
     """Launcher: grid ``(B, spans)``; config keys BLOCK_N, TILES (0 = auto), num_warps,
     num_stages, dot ("bf16" | "fp8" | "tf32"), mma ("hk": heads x keys, "kh": keys x
-    heads). Shapes as in the reference; any strides (a unit
+    heads), prefetch (0/1: load the next tile while computing this one). Shapes as in the reference; any strides (a unit
     stride in the head dimension, which Triton specialises on, gives vector loads)."""
     batch, next_n, heads, head_dim = q.shape
     if next_n not in (1, 2) or head_dim not in (64, 128) or not 1 <= heads <= 128:
@@ -210,6 +227,7 @@ def indexer_logits_triton(
         BLOCK_N=block_n,
         OPERAND=_operand(config.get("dot", "bf16")),
         KEYS_FIRST=config.get("mma", "hk") == "kh",
+        PREFETCH=bool(config.get("prefetch", 0)),
         num_warps=int(config["num_warps"]),
         num_stages=int(config["num_stages"]),
     )
