@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -10,7 +11,7 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from kernmux.tuning_db.store import TuningStore  # noqa: E402
-from kernmux.tuning_db.tuner import TuneSettings, open_study_storage, tune  # noqa: E402
+from kernmux.tuning_db.tuner import TuneSettings, _agent_envs, make_plans, open_study_storage, tune  # noqa: E402
 from tests.tuning_db import fault_kernels  # noqa: E402
 
 OP = fault_kernels.OP
@@ -77,7 +78,7 @@ def test_rerun_resumes_the_study(sqlite_url):
         before = store.rows(op=OP)
     assert len(before) == 5 and before[0].kernel == "torch", "the baseline is measured first"
 
-    (second,) = tune(settings.__class__(**{**settings.__dict__, "trials": 9}), features)
+    (second,) = tune(dataclasses.replace(settings, trials=9), features)
     assert second.study == first.study
     with TuningStore(sqlite_url) as store:
         after = store.rows(op=OP)
@@ -88,7 +89,7 @@ def test_rerun_resumes_the_study(sqlite_url):
     assert Counter(r.trial_number for r in after).most_common(1)[0][1] == 1
 
     # Running again with the same budget measures nothing new.
-    tune(settings.__class__(**{**settings.__dict__, "trials": 9}), features)
+    tune(dataclasses.replace(settings, trials=9), features)
     with TuningStore(sqlite_url) as store:
         assert len(store.rows(op=OP)) == 9
 
@@ -137,3 +138,19 @@ def test_cli_tune_usage_errors(sqlite_url, capsys):
     assert main(["tune", OP, "size=4", "--db", sqlite_url]) == 2
     assert main(["tune", "no_such_op", "--db", sqlite_url]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("visible, workers, expected", [
+    ("3,5", 4, ["3", "5", "3", "5"]),
+    ("0", 2, ["0", "0"]),
+    ("1,2,4,7", 3, ["1", "2", "4"]),
+])
+def test_each_tuning_process_gets_one_gpu(monkeypatch, visible, workers, expected):
+    from kernmux.dispatch.platform import current_platform
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    settings = _settings("sqlite://", kernels=("torch",), workers=workers)
+    plans = make_plans(settings, [{"n": 8, "device": "cuda"}], current_platform())
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in _agent_envs(settings, plans)] == expected
+    cpu_plans = make_plans(settings, [{"n": 8, "device": "cpu"}], current_platform())
+    assert _agent_envs(settings, cpu_plans) == [{}] * workers, "CPU tuning leaves the GPUs alone"
