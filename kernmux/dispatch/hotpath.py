@@ -66,6 +66,10 @@ class Dispatcher:
         self.failed: dict[tuple[str, tuple], dict[str, str]] = {}
         self._lock = threading.RLock()
         self.listeners: list[Callable[[Decision], None]] = []
+        # Raw-key caches of the entry functions built on this dispatcher (cleared when
+        # the tuning database changed, so new measurements reach later calls).
+        self.entry_caches: list[dict] = []
+        self._tuning_generation: Any = None
 
     @property
     def platform(self) -> Platform:
@@ -103,10 +107,23 @@ class Dispatcher:
                 )
                 if self._tuning_note and not any("tuning" in n for n in decision.notes):
                     decision = _with_note(decision, self._tuning_note)
+                self._forget_if_tuning_changed()
                 self._decisions[key] = decision
             for listener in self.listeners:
                 listener(decision)
         return decision
+
+    def _forget_if_tuning_changed(self) -> None:
+        """On a miss, if the tuning source reloaded since the last miss, drop cached
+        decisions: hits never touch the database, misses pick up new rows."""
+        generation = getattr(self._tuning or None, "generation", None)
+        if generation is None:
+            return
+        if self._tuning_generation is not None and generation != self._tuning_generation:
+            self._decisions.clear()
+            for cache in self.entry_caches:
+                cache.clear()
+        self._tuning_generation = generation
 
     def explain(self, op_name: str, features: Mapping[str, Any]) -> Decision:
         return self.decide(op_name, features)
@@ -144,6 +161,7 @@ class OpEntry:
         self.op = op
         self.dispatcher = dispatcher
         self.cache: dict[Any, Callable[..., Any]] = {}
+        dispatcher.entry_caches.append(self.cache)
         # raw key -> (features, decision) so a failure can be attributed.
         self.keyinfo: dict[Any, tuple[dict[str, Any], Decision]] = {}
         self._warned: set[tuple[str, tuple]] = set()
