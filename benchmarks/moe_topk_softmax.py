@@ -68,6 +68,14 @@ SWEEP_CONFIGS = [
     for w in (1, 2, 4)
     for s in ("packed", "twopass")
 ]
+LEAN_SWEEP_CONFIGS = [
+    {"rows": r, "num_warps": w, "select": s}
+    for r in (1, 2, 4)
+    for w in (1, 2)
+    for s in ("twopass", "bitonic")
+]
+if os.environ.get("MOE_BENCH_LEAN") == "1":
+    SWEEP_CONFIGS = LEAN_SWEEP_CONFIGS
 if QUICK:
     PARITY = {"tokens": (1, 7), "experts": (160,), "topk": (6,)}
     PARITY_VARIANTS = [("bf16", True, 2), ("fp32", False, 0)]
@@ -106,9 +114,14 @@ def _tie_rows() -> list[tuple[list[float], int, list[int]]]:
     ]
 
 
-def _parity_task(job: tuple[str, str, bool, int, str]) -> list[dict[str, Any]]:
-    """Worker: verify one kernel over the shape grid of one (dtype, renorm, shared)."""
-    kernel, dtype, renorm, shared, device = job
+BITONIC = {"select": "bitonic"}  # with the heuristic's rows and warps
+
+
+def _parity_task(job: tuple) -> list[dict[str, Any]]:
+    """Worker: verify one kernel (optionally with a config) over the shape grid of one
+    (dtype, renorm, shared)."""
+    kernel, dtype, renorm, shared, device = job[:5]
+    config = job[5] if len(job) > 5 else None
     rows = []
     try:
         from kernmux.dispatch.verify import verify_kernel
@@ -118,9 +131,10 @@ def _parity_task(job: tuple[str, str, bool, int, str]) -> list[dict[str, Any]]:
             feats = _features(tokens, experts, topk, shared, dtype, renorm, device)
             seed = abs(hash(json.dumps([kernel, feats], sort_keys=True))) % (2**31)
             t0 = time.perf_counter()
-            result = verify_kernel(OP, kernel, feats, seed=seed)
+            result = verify_kernel(OP, kernel, feats, seed=seed, config=config)
+            label = f"{kernel}[{config['select']}]" if config else kernel
             rows.append({
-                "kind": "parity", "kernel": kernel, "features": feats, "status": result.status,
+                "kind": "parity", "kernel": label, "config": config, "features": feats, "status": result.status,
                 "metrics": dict(result.metrics), "detail": result.detail, "seed": seed,
                 "seconds": time.perf_counter() - t0,
             })
@@ -186,15 +200,21 @@ def available_kernels(device: str) -> list[str]:
     return names
 
 
-def phase_parallel(device: str, workers: int, kernels: list[str]) -> tuple[list[dict], dict[str, str]]:
+def phase_parallel(device: str, workers: int, kernels: list[str], lean: bool) -> tuple[list[dict], dict[str, str]]:
     from kernmux.kernels.moe_topk_softmax.triton_config import config_valid, heuristic_config
 
-    parity_jobs = [(k, d, r, s, device) for k in kernels for d, r, s in PARITY_VARIANTS]
+    if lean:  # Triton only: its default and the bitonic selection
+        kernels = [k for k in kernels if k == "triton"]
+        parity_jobs = [("triton", d, r, s, device) for d, r, s in PARITY_VARIANTS]
+        parity_jobs += [("triton", d, r, s, device, BITONIC) for d, r, s in PARITY_VARIANTS]
+    else:
+        parity_jobs = [(k, d, r, s, device) for k in kernels for d, r, s in PARITY_VARIANTS]
     tie_jobs = [(k, device) for k in kernels]
     compile_jobs = []
     if "triton" in kernels:
         for experts, shared in itertools.product(EXPERTS, SHARED):
             configs = {json.dumps(heuristic_config(t, experts), sort_keys=True) for t in TOKENS}
+            configs |= {json.dumps({**heuristic_config(t, experts), **BITONIC}, sort_keys=True) for t in TOKENS}
             for cfg in SWEEP_CONFIGS:
                 if shared == 0 and any(
                     config_valid(cfg, _features(t, experts, TOPK, 0, DTYPE, RENORMALIZE, device)) for t in SWEEP_TOKENS
@@ -254,16 +274,18 @@ def _empty_kernel():
     return _empty
 
 
-def phase_timing(device: str, warmup_ms: float, rep_ms: float, deadline: float) -> list[dict]:
+def phase_timing(device: str, warmup_ms: float, rep_ms: float, deadline: float, lean: bool) -> list[dict]:
     import torch
 
     import kernmux.ops
     from kernmux.dispatch.registry import REGISTRY
+    from kernmux.kernels.moe_topk_softmax.triton_config import heuristic_config
     from kernmux.tuning_db.timing import environment_row, measure
 
     env = environment_row()
     kernels = REGISTRY.kernels_of(OP)
     triton_fn = kernels["triton"].bind(None)
+    bitonic_fn = kernels["triton"].bind(BITONIC)
     compile_fn = kernels["torch_compile"].bind(None)
     reference_fn = kernels["torch"].bind(None)
     empty = _empty_kernel()
@@ -291,17 +313,23 @@ def phase_timing(device: str, warmup_ms: float, rep_ms: float, deadline: float) 
         logits = torch.randn(tokens, experts + shared, device=device, generator=gen).to(torch.bfloat16)
         shared_ids = torch.arange(experts, experts + shared, dtype=torch.int32, device=device).expand(tokens, shared)
         args = (logits, TOPK, RENORMALIZE, shared)
-        row: dict[str, Any] = {**env, "kind": "timing", "features": feats}
+        row: dict[str, Any] = {**env, "kind": "timing", "features": feats,
+                               "triton_config": heuristic_config(tokens, experts)}
         columns = {
             "triton_graph": (lambda: triton_fn(*args), True),
             "triton_events": (lambda: triton_fn(*args), False),
+            "bitonic_graph": (lambda: bitonic_fn(*args), True),
+            "bitonic_events": (lambda: bitonic_fn(*args), False),
             "chain_events": (lambda: torch_chain(*args, shared_ids), False),
             "chain_graph": (lambda: torch_chain(*args, shared_ids), True),
-            "reference_events": (lambda: reference_fn(*args), False),
-            "compile_events": (lambda: compile_fn(*args), False),
-            "compile_graph": (lambda: compile_fn(*args), True),
-            "ops_events": (lambda: kernmux.ops.moe_topk_softmax(*args), False),
         }
+        if not lean:
+            columns.update({
+                "reference_events": (lambda: reference_fn(*args), False),
+                "compile_events": (lambda: compile_fn(*args), False),
+                "compile_graph": (lambda: compile_fn(*args), True),
+                "ops_events": (lambda: kernmux.ops.moe_topk_softmax(*args), False),
+            })
         for name, (fn, graph) in columns.items():
             try:
                 row[name] = timed(fn, graph).as_dict()
@@ -327,7 +355,7 @@ def _us(row: dict, col: str) -> float | None:
 def _line(row: dict) -> str:
     f = row["features"]
     parts = [f"S={f['shared']} E={f['experts']:>3} T={f['tokens']:>5}"]
-    for col in ("triton_graph", "triton_events", "chain_events", "chain_graph", "compile_graph"):
+    for col in ("triton_graph", "triton_events", "bitonic_graph", "chain_events", "chain_graph", "compile_graph"):
         v = _us(row, col)
         parts.append(f"{col} {v:7.2f}" if v is not None else f"{col} -")
     return "  ".join(parts)
@@ -365,6 +393,10 @@ def phase_sweep(device: str, warmup_ms: float, rep_ms: float, deadline: float, e
 
 
 # --------------------------------------------------------------------------- report
+
+
+TABLE_COLUMNS = ("triton_graph", "triton_events", "bitonic_graph", "bitonic_events", "chain_events",
+                 "chain_graph", "reference_events", "compile_events", "compile_graph", "ops_events")
 
 
 def summary_markdown(rows: list[dict]) -> str:
@@ -414,40 +446,47 @@ def summary_markdown(rows: list[dict]) -> str:
         f"Empty Triton launch in the same run: graph {floor_graph:.2f} µs, events {floor_events:.2f} µs "
         "(lowest of the readings at start and end)." if floor_graph else "",
         "",
-        "| S | E | T | triton graph | triton events | chain events | chain graph | ref events | compile events | compile graph | ops events | chain ev / triton ev | chain gr / triton gr | triton gr / empty gr |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| S | E | T | " + " | ".join(c.replace("_", " ") for c in TABLE_COLUMNS)
+        + " | chain ev / triton ev | chain gr / triton gr | triton gr / empty gr |",
+        "|---|---|---|" + "---|" * (len(TABLE_COLUMNS) + 3),
     ]
-    goals = {"eager5": [0, 0], "graph2": [0, 0], "floor2": [0, 0]}
+    variants = [("triton", "triton_graph", "triton_events")]
+    if any(_us(r, "bitonic_graph") for r in timing):
+        variants.append(("triton, select=bitonic", "bitonic_graph", "bitonic_events"))
+    goals = {name: {"eager5": [0, 0], "graph2": [0, 0], "floor2": [0, 0]} for name, _, _ in variants}
+    fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
     for r in timing:
         f = r["features"]
-        cols = [_us(r, c) for c in ("triton_graph", "triton_events", "chain_events", "chain_graph",
-                                     "reference_events", "compile_events", "compile_graph", "ops_events")]
-        tg, te, ce, cg = cols[0], cols[1], cols[2], cols[3]
-        eager = ce / te if ce and te else None
-        graph = cg / tg if cg and tg else None
-        floor = tg / floor_graph if tg and floor_graph else None
-        if f["tokens"] <= 4096:
-            for key, value, ok in (("eager5", eager, eager is not None and eager >= 5),
-                                   ("graph2", graph, graph is not None and graph >= 2)):
-                goals[key][1] += 1
-                goals[key][0] += ok
-        if f["tokens"] <= 1024:
-            goals["floor2"][1] += 1
-            goals["floor2"][0] += floor is not None and floor <= 2
-        fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-        lines.append(f"| {f['shared']} | {f['experts']} | {f['tokens']} | " + " | ".join(fmt(v) for v in cols)
-                     + f" | {fmt(eager)} | {fmt(graph)} | {fmt(floor)} |")
-    lines += [
-        "",
-        "## Against the issue's goals (ratios from this one run)",
-        "",
-        f"- triton >= 5x faster than torch eager (chain events / triton events), tokens <= 4096: "
-        f"**{goals['eager5'][0]} of {goals['eager5'][1]}** shapes.",
-        f"- triton >= 2x faster than the chain under graph replay (chain graph / triton graph), tokens <= 4096: "
-        f"**{goals['graph2'][0]} of {goals['graph2'][1]}** shapes.",
-        f"- triton within 2x of the empty-launch floor (triton graph / empty graph <= 2), tokens <= 1024: "
-        f"**{goals['floor2'][0]} of {goals['floor2'][1]}** shapes.",
-    ]
+        cols = [_us(r, c) for c in TABLE_COLUMNS]
+        ce, cg = _us(r, "chain_events"), _us(r, "chain_graph")
+        ratios = []
+        for name, gcol, ecol in variants:
+            tg, te = _us(r, gcol), _us(r, ecol)
+            eager = ce / te if ce and te else None
+            graph = cg / tg if cg and tg else None
+            floor = tg / floor_graph if tg and floor_graph else None
+            ratios += [eager, graph, floor]
+            g = goals[name]
+            if f["tokens"] <= 4096:
+                g["eager5"][1] += 1
+                g["eager5"][0] += eager is not None and eager >= 5
+                g["graph2"][1] += 1
+                g["graph2"][0] += graph is not None and graph >= 2
+            if f["tokens"] <= 1024:
+                g["floor2"][1] += 1
+                g["floor2"][0] += floor is not None and floor <= 2
+        lines.append(f"| {f['shared']} | {f['experts']} | {f['tokens']} | " + " | ".join(fmt(v) for v in cols + ratios[:3]) + " |")
+    lines += ["", "## Against the issue's goals (ratios from this one run)", ""]
+    for name, _, _ in variants:
+        g = goals[name]
+        lines += [
+            f"- {name} >= 5x faster than torch eager (chain events / triton events), tokens <= 4096: "
+            f"**{g['eager5'][0]} of {g['eager5'][1]}** shapes.",
+            f"- {name} >= 2x faster than the chain under graph replay (chain graph / triton graph), tokens <= 4096: "
+            f"**{g['graph2'][0]} of {g['graph2'][1]}** shapes.",
+            f"- {name} within 2x of the empty-launch floor (triton graph / empty graph <= 2), tokens <= 1024: "
+            f"**{g['floor2'][0]} of {g['floor2'][1]}** shapes.",
+        ]
     if sweep:
         lines += ["", "## Triton config sweep (graph replay, S = 0)", "",
                   "| E | T | heuristic µs | best µs | best config |", "|---|---|---|---|---|"]
@@ -477,6 +516,8 @@ def main() -> int:
     parser.add_argument("--rep-ms", type=float, default=25.0)
     parser.add_argument("--name", default="h100")
     parser.add_argument("--summarize", help="rewrite the markdown from a results JSON and exit")
+    parser.add_argument("--lean", action="store_true",
+                        help="Triton parity only (default and bitonic selection), no reference/compile/ops columns")
     args = parser.parse_args()
 
     if args.summarize:
@@ -511,14 +552,18 @@ def main() -> int:
         _load_registry()
         kernels = available_kernels(args.device)
         print(f"kernels available on {args.device}: {kernels}", flush=True)
-        parity_rows, errors = phase_parallel(args.device, args.workers, kernels)
+        if args.lean:
+            global SWEEP_CONFIGS
+            SWEEP_CONFIGS = LEAN_SWEEP_CONFIGS
+            os.environ["MOE_BENCH_LEAN"] = "1"  # spawned workers compile the same sweep
+        parity_rows, errors = phase_parallel(args.device, args.workers, kernels, args.lean)
         rows += parity_rows
         failed = [r for r in parity_rows if r["status"] != "pass"]
         print(f"parity: {len(parity_rows) - len(failed)} of {len(parity_rows)} pass", flush=True)
         for r in failed[:20]:
             print("  FAIL", r.get("kernel"), r.get("features") or r.get("logits"), r.get("status"), r.get("detail"), flush=True)
         save()
-        rows += phase_timing(args.device, args.warmup_ms, args.rep_ms, start + args.timing_stop_s)
+        rows += phase_timing(args.device, args.warmup_ms, args.rep_ms, start + args.timing_stop_s, args.lean)
         save()
         if time.time() < deadline:
             rows += phase_sweep(args.device, args.warmup_ms, args.rep_ms, deadline, errors)

@@ -107,6 +107,8 @@ def test_parity_torch_compile(dtype, shared, renormalize):
         {"rows": 4, "num_warps": 2, "select": "packed"},
         {"rows": 8, "num_warps": 4, "select": "twopass"},
         {"rows": 2, "num_warps": 8, "select": "packed"},
+        {"rows": 1, "num_warps": 1, "select": "bitonic"},
+        {"rows": 4, "num_warps": 2, "select": "bitonic"},
     ],
 )
 def test_triton_configs(config):
@@ -309,7 +311,7 @@ def test_triton_config_space_and_pruning():
         dict(zip(CONFIG_SPACE, values))
         for values in __import__("itertools").product(*CONFIG_SPACE.values())
     ]
-    assert len(points) == 48
+    assert len(points) == 72
     decode = _features(1, 256, 8, 0, "bf16", False)
     prefill = _features(4096, 1024, 8, 0, "bf16", False)
     valid_decode = [p for p in points if config_valid(p, decode)]
@@ -317,7 +319,7 @@ def test_triton_config_space_and_pruning():
     assert valid_decode and all(p["rows"] == 1 for p in valid_decode)
     # 32 rows of 1024 experts on one warp would need 1024 elements per thread: pruned.
     assert {"rows": 32, "num_warps": 1, "select": "packed"} not in valid_prefill
-    assert len(valid_prefill) >= 16
+    assert len(valid_prefill) >= 24
     for tokens, experts in [(1, 64), (7, 160), (4096, 288), (16384, 1024)]:
         cfg = heuristic_config(tokens, experts)
         assert config_valid(cfg, _features(tokens, experts, 8, 0, "bf16", False)), cfg

@@ -53,8 +53,9 @@ def _moe_topk_softmax_kernel(
     RENORM: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_E: tl.constexpr,
-    BLOCK_OUT: tl.constexpr,
-    PACKED: tl.constexpr,
+    KP: tl.constexpr,
+    SP: tl.constexpr,
+    SELECT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -75,32 +76,42 @@ def _moe_topk_softmax_kernel(
     row_max = tl.where(row_ok, row_max, 0.0)
     e = tl.exp(x - row_max[:, None])
 
-    # ---- output tile: columns [0, K) routed picks, [K, K + S) shared slots.
-    ocols = tl.arange(0, BLOCK_OUT)
-    w_tile = tl.zeros((ROWS, BLOCK_OUT), dtype=tl.float32)
-    id_tile = tl.zeros((ROWS, BLOCK_OUT), dtype=tl.int32)
-
-    if PACKED:
+    # ---- routed picks: a [ROWS, KP] tile, columns >= K unused (KP = pow2 >= K).
+    kcols = tl.arange(0, KP)
+    if SELECT == 2:
+        # Bitonic top-k over the packed keys: log-depth compare-exchange networks
+        # instead of K sequential full-row reductions. Keys are unique, so the
+        # network's order is the exact descending order with ties to the lower index.
+        low = (BLOCK_E - cols).to(tl.int64)
+        key = (e.to(tl.int32, bitcast=True).to(tl.int64) << 32) | low[None, :]
+        top = tl.topk(key, KP)
+        w_tile = (top >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        id_tile = (BLOCK_E - (top & 0xFFFF)).to(tl.int32)
+    elif SELECT == 0:
         # e >= 0: its int32 bit pattern is monotonic in its value.
         low = (BLOCK_E - cols).to(tl.int64)
         key = (e.to(tl.int32, bitcast=True).to(tl.int64) << 32) | low[None, :]
+        w_tile = tl.zeros((ROWS, KP), dtype=tl.float32)
+        id_tile = tl.zeros((ROWS, KP), dtype=tl.int32)
         for j in tl.static_range(K):
             best = tl.max(key, axis=1)
             pick_col = (BLOCK_E - (best & 0xFFFF)).to(tl.int32)
             pick_val = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            w_tile = tl.where(ocols[None, :] == j, pick_val[:, None], w_tile)
-            id_tile = tl.where(ocols[None, :] == j, pick_col[:, None], id_tile)
+            w_tile = tl.where(kcols[None, :] == j, pick_val[:, None], w_tile)
+            id_tile = tl.where(kcols[None, :] == j, pick_col[:, None], id_tile)
             key = tl.where(key == best[:, None], -1, key)
     else:
         cand = e
+        w_tile = tl.zeros((ROWS, KP), dtype=tl.float32)
+        id_tile = tl.zeros((ROWS, KP), dtype=tl.int32)
         for j in tl.static_range(K):
             pick_val = tl.max(cand, axis=1)
             pick_col = tl.min(tl.where(cand == pick_val[:, None], cols[None, :], BLOCK_E), axis=1)
-            w_tile = tl.where(ocols[None, :] == j, pick_val[:, None], w_tile)
-            id_tile = tl.where(ocols[None, :] == j, pick_col[:, None], id_tile)
+            w_tile = tl.where(kcols[None, :] == j, pick_val[:, None], w_tile)
+            id_tile = tl.where(kcols[None, :] == j, pick_col[:, None], id_tile)
             cand = tl.where(cols[None, :] == pick_col[:, None], -1.0, cand)
 
-    routed = ocols < K
+    routed = kcols < K
     if RENORM:
         denom = tl.sum(tl.where(routed[None, :], w_tile, 0.0), axis=1)
     else:
@@ -108,20 +119,20 @@ def _moe_topk_softmax_kernel(
     denom = tl.where(row_ok, denom, 1.0)
     w_tile = w_tile / denom[:, None]
 
-    if S > 0:
-        shared = (ocols >= K) & (ocols < K + S)
-        gate = tl.load(
-            row_base + (num_experts + ocols[None, :] - K) * stride_le,
-            mask=row_ok[:, None] & shared[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        w_tile = tl.where(shared[None, :], 1.0 / (1.0 + tl.exp(-gate)), w_tile)
-        id_tile = tl.where(shared[None, :], num_experts + ocols[None, :] - K, id_tile)
+    out_row = rows64[:, None] * (K + S)
+    out_mask = row_ok[:, None] & routed[None, :]
+    tl.store(weights_ptr + out_row + kcols[None, :], w_tile, mask=out_mask)
+    tl.store(ids_ptr + out_row + kcols[None, :], id_tile, mask=out_mask)
 
-    out_off = rows64[:, None] * (K + S) + ocols[None, :]
-    out_mask = row_ok[:, None] & (ocols[None, :] < K + S)
-    tl.store(weights_ptr + out_off, w_tile, mask=out_mask)
-    tl.store(ids_ptr + out_off, id_tile, mask=out_mask)
+    # ---- shared slots: output column K + s gets id E + s and sigmoid(logit[E + s]).
+    if S > 0:
+        scols = tl.arange(0, SP)
+        smask = row_ok[:, None] & (scols < S)[None, :]
+        gate = tl.load(row_base + (num_experts + scols[None, :]) * stride_le, mask=smask, other=0.0)
+        gate = gate.to(tl.float32)
+        tl.store(weights_ptr + out_row + K + scols[None, :], 1.0 / (1.0 + tl.exp(-gate)), mask=smask)
+        sids = (num_experts + scols[None, :]) + tl.zeros((ROWS, SP), dtype=tl.int32)
+        tl.store(ids_ptr + out_row + K + scols[None, :], sids, mask=smask)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -129,12 +140,13 @@ def _moe_topk_softmax_kernel(
 # (tokens capped at 16, experts, topk, shared, config items) -> launch parameters. The
 # heuristic depends on tokens only below 16 rows, so the cache stays small; it keeps
 # the per-call host work to one dict lookup (the op is launch-bound at decode sizes).
-_LAUNCH: dict[tuple, tuple[int, int, int, bool, int]] = {}
+_LAUNCH: dict[tuple, tuple[int, int, int, int, int, int]] = {}
+_SELECT = {"packed": 0, "twopass": 1, "bitonic": 2}
 
 
 def _launch_params(
     tokens: int, experts: int, topk: int, num_shared: int, config: Mapping[str, Any] | None
-) -> tuple[int, int, int, bool, int]:
+) -> tuple[int, int, int, int, int, int]:
     key = (min(tokens, 16), experts, topk, num_shared, tuple(sorted(config.items())) if config else ())
     params = _LAUNCH.get(key)
     if params is None:
@@ -142,8 +154,9 @@ def _launch_params(
         params = (
             int(cfg["rows"]),
             block_e(experts),
-            max(2, next_power_of_two(topk + num_shared)),
-            cfg["select"] == "packed",
+            max(2, next_power_of_two(topk)),
+            max(2, next_power_of_two(num_shared)),
+            _SELECT[cfg["select"]],
             int(cfg["num_warps"]),
         )
         _LAUNCH[key] = params
@@ -171,7 +184,7 @@ def moe_topk_softmax(
     ids = empty_output((tokens, topk + num_shared), torch.int32, device)
     if tokens == 0:
         return weights, ids
-    rows, block, block_out, packed, warps = _launch_params(tokens, experts, topk, num_shared, config)
+    rows, block, kp, sp, select, warps = _launch_params(tokens, experts, topk, num_shared, config)
     _moe_topk_softmax_kernel[((tokens + rows - 1) // rows,)](
         gating_logits,
         weights,
@@ -185,8 +198,9 @@ def moe_topk_softmax(
         RENORM=bool(renormalize),
         ROWS=rows,
         BLOCK_E=block,
-        BLOCK_OUT=block_out,
-        PACKED=packed,
+        KP=kp,
+        SP=sp,
+        SELECT=select,
         num_warps=warps,
     )
     return weights, ids

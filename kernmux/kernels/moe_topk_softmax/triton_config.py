@@ -1,9 +1,10 @@
 """Config space of the Triton kernel, importable without Triton (the registry needs it).
 
-``rows``: tokens per program; ``num_warps``: warps per program; ``select``: "packed" (one
-int64 max-reduction per pick) or "twopass" (a max- then a min-reduction per pick).
-6 x 4 x 2 = 48 points; :func:`config_valid` prunes those that spill registers, leave
-warps idle or cover more rows than the problem has.
+``rows``: tokens per program; ``num_warps``: warps per program; ``select``: how the k
+picks are made — "packed" (one int64 max-reduction per pick), "twopass" (a max- then a
+min-reduction per pick) or "bitonic" (``tl.topk``'s compare-exchange network over the
+packed keys). 6 x 4 x 3 = 72 points; :func:`config_valid` prunes those that spill
+registers, leave warps idle or cover more rows than the problem has.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 CONFIG_SPACE: dict[str, tuple[Any, ...]] = {
     "rows": (1, 2, 4, 8, 16, 32),
     "num_warps": (1, 2, 4, 8),
-    "select": ("packed", "twopass"),
+    "select": ("packed", "twopass", "bitonic"),
 }
 
 MAX_EXPERTS = 1024
@@ -49,12 +50,12 @@ def config_valid(config: Mapping[str, Any], features: Mapping[str, Any]) -> bool
 def heuristic_config(tokens: int, experts: int) -> dict[str, Any]:
     """The untuned default, used for every key a caller's config leaves out.
 
-    About 8 tile elements per thread: one warp up to E = 256, more warps beyond; small
-    expert counts put several tokens in one program so each warp has work. Never more
-    rows per program than tokens.
+    From the H100 sweep (benchmarks/results/moe_topk_softmax_h100_run1.md): one warp per
+    program was fastest at every size (no cross-warp barrier in the reductions), the
+    two-pass pick beat the packed int64 pick, and only tiles narrower than 256 experts
+    gained from several tokens per program. Never more rows per program than tokens.
     """
     width = block_e(experts)
-    warps = max(1, min(8, width // 256))
-    rows = max(1, min(16, (warps * 32 * 8) // width))
+    rows = max(1, min(4, 256 // width))
     rows = min(rows, next_power_of_two(max(tokens, 1)))
-    return {"rows": rows, "num_warps": warps, "select": "packed"}
+    return {"rows": rows, "num_warps": 1, "select": "twopass"}
