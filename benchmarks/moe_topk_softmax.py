@@ -144,8 +144,10 @@ def _parity_task(job: tuple) -> list[dict[str, Any]]:
     return rows
 
 
-def _tie_task(job: tuple[str, str]) -> list[dict[str, Any]]:
-    kernel, device = job
+def _tie_task(job: tuple) -> list[dict[str, Any]]:
+    kernel, device = job[:2]
+    config = job[2] if len(job) > 2 else None
+    label = f"{kernel}[{config['select']}]" if config else kernel
     rows = []
     try:
         import torch
@@ -153,14 +155,14 @@ def _tie_task(job: tuple[str, str]) -> list[dict[str, Any]]:
         from kernmux.dispatch.registry import REGISTRY
 
         _load_registry()
-        fn = REGISTRY.kernels_of(OP)[kernel].bind(None)
+        fn = REGISTRY.kernels_of(OP)[kernel].bind(config)
         for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
             for values, topk, expected in _tie_rows():
                 logits = torch.tensor(values, dtype=dtype, device=device).unsqueeze(0).repeat(3, 1)
                 _, ids = fn(logits, topk, False, 0)
                 got = ids.tolist()
                 rows.append({
-                    "kind": "ties", "kernel": kernel, "dtype": dtype_name, "logits": values, "topk": topk,
+                    "kind": "ties", "kernel": label, "dtype": dtype_name, "logits": values, "topk": topk,
                     "expected": expected, "got": got[0],
                     "status": "pass" if got == [expected] * 3 else "fail",
                 })
@@ -209,7 +211,7 @@ def phase_parallel(device: str, workers: int, kernels: list[str], lean: bool) ->
         parity_jobs += [("triton", d, r, s, device, BITONIC) for d, r, s in PARITY_VARIANTS]
     else:
         parity_jobs = [(k, d, r, s, device) for k in kernels for d, r, s in PARITY_VARIANTS]
-    tie_jobs = [(k, device) for k in kernels]
+    tie_jobs = [(k, device) for k in kernels] + ([("triton", device, BITONIC)] if "triton" in kernels else [])
     compile_jobs = []
     if "triton" in kernels:
         for experts, shared in itertools.product(EXPERTS, SHARED):
