@@ -82,8 +82,12 @@ def _attend(
         s = _dot(q2, tl.trans(k2), s, UPCAST)
         s = _dot(q3, tl.trans(k3), s, UPCAST)
         if D_PE > 0:
+            # The rope tail is read as a DT-wide tile (columns >= D_PE masked off) so that
+            # every gather of the step shares one layout: the slot load then stays a single
+            # load the pipeliner can issue ahead of the row loads.
             pe_ptr = (row_ptr + PE_OFF).to(tl.pointer_type(tl.bfloat16))
-            k_pe = tl.load(pe_ptr[:, None] + tl.arange(0, D_PE)[None, :], mask=valid[:, None], other=0.0)
+            pe_cols = tl.arange(0, DT)
+            k_pe = tl.load(pe_ptr[:, None] + pe_cols[None, :], mask=valid[:, None] & (pe_cols[None, :] < D_PE), other=0.0)
             s = _dot(q_pe, tl.trans(k_pe), s, UPCAST)
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -142,7 +146,7 @@ def _sparse_mla_decode_kernel(
     q2 = tl.load(q_row + 2 * DT + offs_t[None, :], mask=h_mask[:, None], other=0.0)
     q3 = tl.load(q_row + 3 * DT + offs_t[None, :], mask=h_mask[:, None], other=0.0)
     if D_PE > 0:
-        q_pe = tl.load(q_row + D_V + tl.arange(0, D_PE)[None, :], mask=h_mask[:, None], other=0.0)
+        q_pe = tl.load(q_row + D_V + offs_t[None, :], mask=h_mask[:, None] & (offs_t[None, :] < D_PE), other=0.0)
     else:
         q_pe = q0  # unused
 
