@@ -112,7 +112,7 @@ def precompile(jobs: list[tuple[dict[str, Any], dict[str, int]]], workers: int) 
 # --------------------------------------------------------------------------- timing
 
 
-def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_ms: float) -> list[dict[str, Any]]:
+def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_ms: float, save: str | None = None) -> list[dict[str, Any]]:
     import torch
 
     from kernmux.dispatch.outputs import poisoned_outputs  # noqa: F401  (kernels allocate through it)
@@ -171,6 +171,9 @@ def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_
         best = _best(rows, feats)
         ref_row = next((r for r in rows if r["features"] == feats and r["kernel"] == "torch"), None)
         print(_line(feats, best, ref_row), flush=True)
+        if save:  # after every shape, so a run cut short still leaves its rows
+            with open(save, "w") as f:
+                json.dump(rows, f, indent=1, default=str)
         del args, kwargs, ref_out
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -205,8 +208,9 @@ def summary_markdown(rows: list[dict], parity: dict, shapes: list[dict]) -> str:
         "over the measured H100 ceilings 2.96 TB/s and 699 TFLOP/s (notes/performance.md). "
         "Triton: best of the candidate configs per shape (every candidate is in the JSON).",
         "",
-        f"Parity on this GPU before timing: **{'PASS' if parity.get('passed') else 'FAIL'}** "
-        "(table in sparse_mla_decode_parity.md).",
+        "Parity on this GPU before timing: **"
+        + {True: "PASS", False: "FAIL", None: "not run"}[parity.get("passed")]
+        + "** (table in sparse_mla_decode_parity.md).",
         "",
         "| kv | B | h_q | scopes | torch µs | triton µs | × torch | TB/s | TFLOP/s | % roofline | floor µs | config |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -246,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="B in {1, 32}, h_q in {16, 64} only (smoke test)")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only as a dry run under TRITON_INTERPRET=1")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,8,32,128)")
+    parser.add_argument("--heads", default=None, help="comma-separated head counts (default: 16,64,128)")
     parser.add_argument("--topk", type=int, default=TOPK)
     parser.add_argument("--extra-topk", type=int, default=EXTRA)
     parser.add_argument("--parity-batch", type=int, default=4)
@@ -259,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     from kernmux.kernels.sparse_mla_decode import parity as parity_mod
 
     t0 = time.time()
-    shapes = grid((1, 32) if args.quick else BATCHES, (16, 64) if args.quick else HEADS, args.topk, args.extra_topk, args.device)
+    batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else (1, 32) if args.quick else BATCHES
+    heads = tuple(int(h) for h in args.heads.split(",")) if args.heads else (16, 64) if args.quick else HEADS
+    shapes = grid(batches, heads, args.topk, args.extra_topk, args.device)
     jobs = [({**f, "batch": 2}, resolved(f, c)) for f in shapes for c in CANDIDATES[f["heads"]]]
     # The parity grid runs the default config: compile those variants too.
     from kernmux.dispatch.registry import REGISTRY
@@ -287,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict] = []
     try:
-        rows = time_grid(shapes, errors, args.rep_ms)
+        rows = time_grid(shapes, errors, args.rep_ms, save=os.path.join(args.out, "sparse_mla_decode_h100.json"))
     except Exception:
         traceback.print_exc()
     finally:

@@ -247,10 +247,11 @@ def resolve_config(config: Mapping[str, Any] | None, heads: int, queries: int, t
     """Fill the automatic (0) entries of a config for this problem."""
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     blocks_a = triton.cdiv(topk, cfg["N_BLOCK"])
+    # 64-head groups spill on sm_90 (255 registers); 32 with 8 warps and 16 with 4 do not.
     if not cfg["H_BLOCK"]:
-        cfg["H_BLOCK"] = 16 if heads <= 16 else 32 if heads <= 32 else 64
+        cfg["H_BLOCK"] = 16 if heads <= 16 else 32
     if not cfg["num_warps"]:
-        cfg["num_warps"] = 8 if cfg["H_BLOCK"] >= 64 else 4
+        cfg["num_warps"] = 4 if cfg["H_BLOCK"] <= 16 else 8
     if not cfg["SPLITS"]:
         programs = queries * triton.cdiv(heads, cfg["H_BLOCK"])
         cfg["SPLITS"] = max(1, min(64, triton.cdiv(_units(device), programs)))
