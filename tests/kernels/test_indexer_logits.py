@@ -283,3 +283,11 @@ def test_triton_supports_reasons(monkeypatch):
     assert "sm_89" in kernel.check(feats(device="cuda"), Platform(vendor="cuda", arch="sm_80", device="A100", units=108)).reason
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "TRITON_INTERPRET" in kernel.check(feats(), Platform()).reason
+
+
+def test_hot_path_dispatches_and_matches():
+    import kernmux
+
+    f, args = inputs(heads=8, next_n=2, seed=11)
+    got = kernmux.ops.indexer_logits(*args)
+    assert compare(got, reference(*args), f).passed
