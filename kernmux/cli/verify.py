@@ -22,12 +22,20 @@ def register(subparsers) -> None:
     parser.add_argument("--kernels", default=None, help="comma-separated kernels (default: all available)")
     parser.add_argument("--seed", type=int, default=None, help="base seed (default: fresh each run)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument(
+        "--interpret", action="store_true",
+        help="run Triton kernels in Triton's interpreter (sets TRITON_INTERPRET=1; for CPU-only machines, small shapes)",
+    )
     add_json_flag(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
+    import os
     import secrets
+
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
 
     import torch
 

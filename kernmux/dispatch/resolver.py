@@ -310,7 +310,12 @@ def resolve(
     assert choice is not None  # the priority level always picks when survivors exist
 
     adapt_config, adapt_transform, adapt_ids = adapt.get(choice.kernel, ({}, TransformSpec(), []))
-    config = {**kernels[choice.kernel].full_config(None), **adapt_config, **choice.config}
+    # adapt config is a constraint (e.g. a pinned block size that avoids a crash), so it
+    # overrides what a use rule or a tuning row chose.
+    overridden = sorted(k for k in adapt_config if k in choice.config and choice.config[k] != adapt_config[k])
+    config = {**kernels[choice.kernel].full_config(None), **choice.config, **adapt_config}
+    if overridden:
+        ctx.notes.append(f"adapt rule(s) {', '.join(adapt_ids)} override {source} config for {', '.join(overridden)}")
     transform = choice.transform or adapt_transform
     if adapt_ids:
         ctx.notes.append(f"adapted by rule(s) {', '.join(adapt_ids)}")

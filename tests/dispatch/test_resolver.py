@@ -173,3 +173,23 @@ def test_parse_force():
     assert parse_force("a=b, c=d") == {"a": "b", "c": "d"}
     with pytest.raises(ValueError, match="op=kernel"):
         parse_force("oops")
+
+
+def test_adapt_config_overrides_tuned_config(cpu_platform):
+    """A safety pin in an adapt rule beats a tuning row's config for the same key."""
+    from kernmux.dispatch.tuning import TuningPick
+
+    class Source:
+        def lookup(self, op, bucket, platform, allowed):
+            return TuningPick("chunked", {"block": 16}, row_id=7, detail="row 7"), []
+
+    rs = rules("""
+  - id: pin-block
+    op: toy_attention
+    adapt: {kernel: chunked, config: {block: 4}}
+    reason: larger blocks crash
+    link: https://example.org/x
+""")
+    d = resolve("toy_attention", FEATS, cpu_platform, rs, tuning=Source(), force={})
+    assert (d.kernel, d.source, d.config["block"]) == ("chunked", "tuning_db", 4)
+    assert any("pin-block override tuning_db config for block" in n for n in d.notes)
