@@ -28,6 +28,7 @@ from kernmux.rules.schema import (
     Compare,
     Condition,
     LibVersion,
+    MultipleOf,
     OneOf,
     Rule,
     RuleSet,
@@ -40,6 +41,7 @@ RULE_KEYS = ("id", "op", "when", *ACTIONS, "config", "split_heads", "pad_heads",
 TRANSFORM_KEYS = ("split_heads", "pad_heads")
 ID_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 RANGE_PATTERN = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
+MULTIPLE_PATTERN = re.compile(r"^(!?)%\s*(\d+)$")
 SUPPORTED_VERSIONS = (1,)
 
 
@@ -345,6 +347,14 @@ def _parse_matcher(ctx: _Ctx, key: str, kind: str, node: yaml.Node):
                 raise ctx.fail(node, f"{key!r} is a {kind} feature; a range {text!r} only applies to integers")
             lo, hi = int(range_match.group(1)), int(range_match.group(2))
             return Between(lo, hi)
+        multiple = MULTIPLE_PATTERN.match(text)
+        if multiple:
+            if kind != "int":
+                raise ctx.fail(node, f"{key!r} is a {kind} feature; {text!r} (multiple of) only applies to integers")
+            divisor = int(multiple.group(2))
+            if divisor <= 0:
+                raise ctx.fail(node, f"{key!r}: divisor in {text!r} must be positive")
+            return MultipleOf(divisor, negate=bool(multiple.group(1)))
         for op in COMPARATORS:
             if text.startswith(op):
                 bound_text = text[len(op):].strip()
@@ -352,14 +362,14 @@ def _parse_matcher(ctx: _Ctx, key: str, kind: str, node: yaml.Node):
                     try:
                         bound: Any = int(bound_text)
                     except ValueError:
-                        raise ctx.fail(node, f"{key!r}: bad comparison {text!r}; expected e.g. '<16', '>=64', '!=8', '16..64'") from None
+                        raise ctx.fail(node, f"{key!r}: bad comparison {text!r}; expected e.g. '<16', '>=64', '!=8', '16..64', '%32'") from None
                 elif op == "!=":
                     bound = bound_text if kind == "str" else bound_text.lower() in ("true", "1", "yes")
                 else:
                     raise ctx.fail(node, f"{key!r} is a {kind} feature; comparison {text!r} only applies to integers")
                 return Compare(op, bound)
-        if kind == "int" and any(ch in text for ch in "<>=!.~"):
-            raise ctx.fail(node, f"{key!r}: bad comparator in {text!r}; expected one of <, <=, >, >=, != or a range 'lo..hi'")
+        if kind == "int" and any(ch in text for ch in "<>=!.~%"):
+            raise ctx.fail(node, f"{key!r}: bad comparator in {text!r}; expected one of <, <=, >, >=, !=, a range 'lo..hi' or '%N' / '!%N' (multiple of N)")
     return OneOf((_scalar_of_kind(ctx, key, kind, node, value),))
 
 

@@ -2,7 +2,8 @@
 
 A rule is "when <conditions> then <one action>". Conditions are on platform keys
 (vendor, arch, device, units), library versions (PEP 440 specifiers; None = not
-installed) and op features (scalar, list, "<16", "<=16", ">64", ">=64", "!=8", "16..64").
+installed) and op features (scalar, list, "<16", "<=16", ">64", ">=64", "!=8", "16..64",
+"%32" = a multiple of 32, "!%32" = not a multiple of 32).
 """
 
 from __future__ import annotations
@@ -74,6 +75,22 @@ class Between:
 
 
 @dataclass(frozen=True)
+class MultipleOf:
+    """``value % divisor == 0`` (YAML ``"%32"``), or its negation (``"!%32"``)."""
+
+    divisor: int
+    negate: bool = False
+
+    def __call__(self, value: Any) -> bool:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return False
+        return (value % self.divisor == 0) != self.negate
+
+    def text(self) -> str:
+        return f"{'!' if self.negate else ''}%{self.divisor}"
+
+
+@dataclass(frozen=True)
 class LibVersion:
     """A library installed with a version in ``spec`` ("" = any version), or, when
     ``spec`` is None, the library absent."""
@@ -96,7 +113,7 @@ class LibVersion:
         return "not installed" if self.spec is None else (self.spec or "installed")
 
 
-Matcher = OneOf | Compare | Between | LibVersion
+Matcher = OneOf | Compare | Between | MultipleOf | LibVersion
 
 
 @dataclass(frozen=True)

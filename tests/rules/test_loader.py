@@ -119,3 +119,19 @@ def test_dollar_feature_config(tmp_path):
             "version: 1\nrules:\n  - id: a\n    op: toy_attention\n    adapt: {kernel: chunked, config: {block: $nope}}\n    reason: r\n    link: l\n",
             "x.yaml",
         )
+
+
+def test_multiple_of_conditions():
+    text = (
+        "version: 1\nrules:\n  - id: a\n    op: toy_attention\n    when: {heads: '%16', dim: '!%32'}\n"
+        "    use: torch\n    reason: r\n    link: l\n"
+    )
+    (rule,) = parse_rules_text(text, "m.yaml")
+    plat = Platform()
+    assert rule.matches({"heads": 32, "dim": 16}, plat)
+    assert not rule.matches({"heads": 24, "dim": 16}, plat)
+    assert not rule.matches({"heads": 32, "dim": 64}, plat)
+    with pytest.raises(RuleError, match="only applies to integers"):
+        parse_rules_text(text.replace("dim: '!%32'", "dtype: '%2'"), "m.yaml")
+    with pytest.raises(RuleError, match="bad comparator"):
+        parse_rules_text(text.replace("'%16'", "'%x'"), "m.yaml")
