@@ -50,12 +50,17 @@ def config_valid(config: Mapping[str, Any], features: Mapping[str, Any]) -> bool
 def heuristic_config(tokens: int, experts: int) -> dict[str, Any]:
     """The untuned default, used for every key a caller's config leaves out.
 
-    From the H100 sweep (benchmarks/results/moe_topk_softmax_h100_run1.md): one warp per
-    program was fastest at every size (no cross-warp barrier in the reductions), the
-    two-pass pick beat the packed int64 pick, and only tiles narrower than 256 experts
-    gained from several tokens per program. Never more rows per program than tokens.
+    From the H100 runs (benchmarks/results/moe_topk_softmax_h100_run{1,2}.md, bf16,
+    k = 8): one warp per program beat two or more at every size measured; several
+    tokens per program paid off only for tiles narrower than 256; the bitonic network
+    beat the two-pass pick at decode sizes (up to 128 tokens for tiles up to 256 wide,
+    up to 1024 tokens for tiles up to 128 wide) and lost beyond. Every config this
+    returns for the benchmark's shapes was timed, and those of the parity grid checked,
+    on the H100. (The sweep also found two-warp bitonic programs faster for 256- and
+    512-wide tiles at decode sizes; not the default because their numerics were not
+    checked on the GPU: the tuner can pick them.)
     """
     width = block_e(experts)
-    rows = max(1, min(4, 256 // width))
-    rows = min(rows, next_power_of_two(max(tokens, 1)))
-    return {"rows": rows, "num_warps": 1, "select": "twopass"}
+    rows = min(max(1, min(4, 256 // width)), next_power_of_two(max(tokens, 1)))
+    bitonic = (width <= 256 and tokens <= 128) or (width <= 128 and tokens <= 1024)
+    return {"rows": rows, "num_warps": 1, "select": "bitonic" if bitonic else "twopass"}
