@@ -160,8 +160,8 @@ register_kernel(
     default_config={},  # empty: the launcher's shape heuristic (triton_config.heuristic_config)
     config_valid=triton_config_valid,
     priority=20,
-    doc="One fused Triton launch: tile of rows in registers, top-k by max-and-mask; "
-    "E <= 1024 (any, e.g. 160/288), k <= 16, S <= 8, fp32/bf16/fp16.",
+    doc="One fused Triton launch: tile of rows in registers, top-k by reductions or a "
+    "bitonic network; E <= 1024 (any, e.g. 160/288), k <= 16, S <= 8, fp32/bf16/fp16.",
 )
 
 register_kernel(

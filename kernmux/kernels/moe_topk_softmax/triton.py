@@ -2,22 +2,24 @@
 
 One program handles ``ROWS`` tokens. It loads their logits once as a [ROWS, BLOCK_E]
 tile (BLOCK_E = next power of two >= E, the tail masked to -inf, so any E up to 1024
-works, e.g. 160 or 288), computes e = exp(x - max) in fp32 registers and then picks the
-top k by repeated max-and-mask without leaving registers:
+works, e.g. 160 or 288), computes e = exp(x - max) in fp32 registers and picks the top
+k without leaving registers, by one of three strategies (config ``select``):
 
-* ``select="packed"``: each candidate is one int64 key, (fp32 bits of e) << 32 | (BIG -
+* ``"twopass"``: per pick, a max-reduction for the value, then a min-reduction over the
+  columns holding it (ties to the lower index); the winner is masked out.
+* ``"packed"``: each candidate is one int64 key, (fp32 bits of e) << 32 | (BLOCK_E -
   column). e >= 0, so its bit pattern orders like its value; equal values compare by the
-  low word, which is larger for the lower column. One max-reduction per pick returns the
-  value and the index together and resolves ties to the lower expert index.
-* ``select="twopass"``: a max-reduction for the value, then a min-reduction over the
-  columns holding it (again: ties to the lower index). Two dependent reductions per pick
-  but 32-bit registers; the tuner decides which is faster for a shape.
+  low word, larger for the lower column. One max-reduction per pick.
+* ``"bitonic"``: ``tl.topk`` over the same packed keys: a log-depth compare-exchange
+  network instead of k sequential reductions. Keys are unique, so the result is the
+  exact descending order with ties to the lower index.
 
 Selection uses e = exp(x - max), the numerator of the probability, so ties that exp
 creates (underflow to 0, values that round to 1) are ties here as in the reference.
-Weights are e_j / sum(e) or, with renormalisation, e_j / sum over the k picks.
-Shared slot s (output column k + s) gets id E + s and sigmoid(logit[E + s]). The weights
-and ids of a row block are assembled in a [ROWS, BLOCK_OUT] tile and stored once.
+Weights are e_j / sum(e) or, with renormalisation, e_j / sum over the k picks. The k
+picks of a row block are stored as one [ROWS, KP] tile (KP = power of two >= k); shared
+slot s (output column k + s) gets id E + s and sigmoid(logit[E + s]) from a second small
+tile. H100 timings per strategy: benchmarks/results/moe_topk_softmax_summary.md.
 """
 
 from __future__ import annotations
