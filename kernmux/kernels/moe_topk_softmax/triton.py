@@ -144,6 +144,9 @@ def _moe_topk_softmax_kernel(
 # the per-call host work to one dict lookup (the op is launch-bound at decode sizes).
 _LAUNCH: dict[tuple, tuple[int, int, int, int, int, int]] = {}
 _SELECT = {"packed": 0, "twopass": 1, "bitonic": 2}
+# tl.topk is recent (present in Triton 3.6 and 3.9); without it the heuristic falls back
+# to the two-pass pick and an explicit "bitonic" config is refused.
+_HAS_TOPK = hasattr(tl, "topk")
 
 
 def _launch_params(
@@ -153,6 +156,10 @@ def _launch_params(
     params = _LAUNCH.get(key)
     if params is None:
         cfg = {**heuristic_config(tokens, experts), **(config or {})}
+        if cfg["select"] == "bitonic" and not _HAS_TOPK:
+            if config and config.get("select") == "bitonic":
+                raise RuntimeError(f"select='bitonic' needs tl.topk, missing in Triton {triton.__version__}")
+            cfg["select"] = "twopass"
         params = (
             int(cfg["rows"]),
             block_e(experts),
