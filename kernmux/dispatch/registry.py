@@ -345,9 +345,9 @@ class Registry:
             for name in IN_TREE_OPS:
                 try:
                     importlib.import_module(f"kernmux.kernels.{name}")
-                except ModuleNotFoundError as e:
-                    if e.name != f"kernmux.kernels.{name}":
-                        raise
+                except Exception as e:  # one broken op package must not take the others down
+                    self.plugin_errors[f"kernmux.kernels.{name}"] = f"{type(e).__name__}: {e}"
+                    log.warning("kernmux: op package %s failed to import: %s", name, e)
             for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
                 try:
                     target = ep.load()

@@ -55,6 +55,7 @@ def open_tuning_source(url: str | None) -> tuple[TuningSource | None, str]:
 def _default_db_exists() -> bool:
     try:
         from kernmux.tuning_db.paths import default_db_path
-    except ImportError:
+
+        return default_db_path().exists()
+    except Exception:  # e.g. platformdirs missing: then there is no default database
         return False
-    return default_db_path().exists()
