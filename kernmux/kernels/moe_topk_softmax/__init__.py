@@ -146,7 +146,9 @@ register_kernel(
     impl=f"{_PKG}.compiled:moe_topk_softmax",
     requires={"torch": ">=2.4"},
     supports=_compile_supports,
-    priority=5,
+    # Below the eager reference: a first call per new shape compiles for seconds (28 s
+    # seen inside vLLM on CPU), so it is chosen only by a measurement or a rule.
+    priority=-5,
     doc="The reference under torch.compile (Inductor), one compiled function per variant.",
 )
 
