@@ -49,9 +49,14 @@ class ParityRow:
 
 @dataclass(frozen=True)
 class TransformRow:
+    """exact: bit-identical to the plain reference (expected on CPU, where the fp32 bmm of a
+    head does not depend on how many heads share the call). close: within the op's
+    tolerance (what cuBLAS guarantees on a GPU, whose kernel choice depends on the shape)."""
+
     label: str
     transform: str
     exact: bool
+    close: bool
     detail: str
 
 
@@ -156,12 +161,14 @@ def transform_rows(base: Mapping[str, Any], *, device: str = "cpu", seed: int = 
         wrapped = apply_transform(op.reference, op, transform)(*positional)
         same_o = torch.equal(direct[0], wrapped[0])
         same_lse = torch.equal(direct[1], wrapped[1])
+        close = op.compare(wrapped, direct, feats)
         if same_o and same_lse:
             detail = "o and lse identical"
         else:
             diff_o = (direct[0].float() - wrapped[0].float()).abs().nan_to_num(0.0).max().item()
-            detail = f"o identical: {same_o} (max diff {diff_o:.3g}); lse identical: {same_lse}"
-        rows.append(TransformRow(label, transform.text(), same_o and same_lse, detail))
+            diff_lse = (direct[1] - wrapped[1]).abs().nan_to_num(0.0).max().item()
+            detail = f"max |diff| o {diff_o:.3g}, lse {diff_lse:.3g}; op tolerance {'met' if close.passed else 'MISSED: ' + close.detail}"
+        rows.append(TransformRow(label, transform.text(), same_o and same_lse, close.passed, detail))
     return rows
 
 
@@ -180,9 +187,9 @@ def format_parity(rows: Sequence[ParityRow]) -> str:
 
 
 def format_transforms(rows: Sequence[TransformRow]) -> str:
-    lines = ["| case | transform | exact on the reference |", "|---|---|---|"]
+    lines = ["| case | transform | wrapped reference vs plain reference |", "|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.label} | {r.transform} | {'EXACT' if r.exact else 'DIFFERS: ' + r.detail} |")
+        lines.append(f"| {r.label} | {r.transform} | {'EXACT' if r.exact else 'not bit-exact: ' + r.detail} |")
     return "\n".join(lines)
 
 
@@ -205,7 +212,9 @@ def run_all(
     rows = parity_rows(grid, kernels, seed=seed, configs=configs)
     trows = transform_rows(base, device=device, seed=seed, extra_topk=min(extra_topk, 64)) if transforms else []
     ran = [r for r in rows if r.ran]
-    ok = bool(ran) and all(r.passed for r in ran) and all(t.exact for t in trows)
+    # Bit-exactness is the CPU claim; on a GPU the wrapped calls must stay within tolerance.
+    transforms_ok = all(t.exact if device == "cpu" else t.close for t in trows)
+    ok = bool(ran) and all(r.passed for r in ran) and transforms_ok
     return {"rows": rows, "transforms": trows, "passed": ok}
 
 

@@ -34,17 +34,29 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _load_tile(row_ptr, valid, col0, DT: tl.constexpr, IS_FP8: tl.constexpr, D_V: tl.constexpr):
-    """Columns [col0, col0 + DT) of the gathered rows as bf16 [N, DT] (zeros where invalid)."""
+def _load_tile(row_ptr, valid, col0, DT: tl.constexpr, IS_FP8: tl.constexpr, SCALE_ROWS: tl.constexpr, D_V: tl.constexpr):
+    """Columns [col0, col0 + DT) of the gathered rows as bf16 [N, DT] (zeros where invalid).
+
+    fp8 latent, SCALE_ROWS: dequantised in registers (fp8 * scale -> bf16). Otherwise it is
+    only converted (exact) and the caller applies the scales to S and P instead."""
     cols = col0 + tl.arange(0, DT)
-    raw = tl.load(row_ptr[:, None] + cols[None, :], mask=valid[:, None], other=0)
     if IS_FP8:
-        scale_ptr = (row_ptr + D_V).to(tl.pointer_type(tl.float32)) + col0 // DT
-        scale = tl.load(scale_ptr, mask=valid, other=0.0)
-        tile = (raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, None]).to(tl.bfloat16)
+        ptrs = row_ptr.to(tl.pointer_type(tl.float8e4nv))[:, None] + cols[None, :]
+        tile = tl.load(ptrs, mask=valid[:, None], other=0.0)
+        if SCALE_ROWS:
+            scale = _load_scale(row_ptr, valid, col0 // DT, D_V)
+            tile = (tile.to(tl.float32) * scale[:, None]).to(tl.bfloat16)
+        else:
+            tile = tile.to(tl.bfloat16)
     else:
-        tile = raw
+        tile = tl.load(row_ptr[:, None] + cols[None, :], mask=valid[:, None], other=0.0)
     return tile
+
+
+@triton.jit
+def _load_scale(row_ptr, valid, tile: tl.constexpr, D_V: tl.constexpr):
+    """fp32 scale of latent tile ``tile`` of each gathered fp8 row [N] (0 where invalid)."""
+    return tl.load((row_ptr + D_V).to(tl.pointer_type(tl.float32)) + tile, mask=valid, other=0.0)
 
 
 @triton.jit
@@ -62,9 +74,10 @@ def _attend(
     q0, q1, q2, q3, q_pe,
     kv_ptr, idx_ptr, start, end, block_size, stride_blk, stride_tok, qk_scale,
     IS_FP8: tl.constexpr, D_V: tl.constexpr, D_PE: tl.constexpr, PE_OFF: tl.constexpr,
-    N_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
+    N_BLOCK: tl.constexpr, UPCAST: tl.constexpr, FP8_SCALE_ROWS: tl.constexpr,
 ):
-    """Online softmax over slots idx_ptr[start:end] of one cache (one scope)."""
+    """Online softmax over slots idx_ptr[start:end] of one cache (one scope).
+    fp8 rows: latent tiles in e4m3 with one fp32 scale each at byte D_V + 4 t."""
     DT: tl.constexpr = D_V // 4
     for n0 in range(start, end, N_BLOCK):
         offs_n = n0 + tl.arange(0, N_BLOCK)
@@ -72,15 +85,26 @@ def _attend(
         valid = slot >= 0
         slot = tl.where(valid, slot, 0).to(tl.int64)
         row_ptr = kv_ptr + (slot // block_size) * stride_blk + (slot % block_size) * stride_tok
-        k0 = _load_tile(row_ptr, valid, 0, DT, IS_FP8, D_V)
-        k1 = _load_tile(row_ptr, valid, DT, DT, IS_FP8, D_V)
-        k2 = _load_tile(row_ptr, valid, 2 * DT, DT, IS_FP8, D_V)
-        k3 = _load_tile(row_ptr, valid, 3 * DT, DT, IS_FP8, D_V)
+        k0 = _load_tile(row_ptr, valid, 0, DT, IS_FP8, FP8_SCALE_ROWS, D_V)
+        k1 = _load_tile(row_ptr, valid, DT, DT, IS_FP8, FP8_SCALE_ROWS, D_V)
+        k2 = _load_tile(row_ptr, valid, 2 * DT, DT, IS_FP8, FP8_SCALE_ROWS, D_V)
+        k3 = _load_tile(row_ptr, valid, 3 * DT, DT, IS_FP8, FP8_SCALE_ROWS, D_V)
         s = tl.zeros((q0.shape[0], N_BLOCK), dtype=tl.float32)
-        s = _dot(q0, tl.trans(k0), s, UPCAST)
-        s = _dot(q1, tl.trans(k1), s, UPCAST)
-        s = _dot(q2, tl.trans(k2), s, UPCAST)
-        s = _dot(q3, tl.trans(k3), s, UPCAST)
+        if IS_FP8 and not FP8_SCALE_ROWS:
+            # S = sum_t scale_t[n] * (q_t . fp8_t[n]): one dot per scale tile.
+            sc0 = _load_scale(row_ptr, valid, 0, D_V)
+            sc1 = _load_scale(row_ptr, valid, 1, D_V)
+            sc2 = _load_scale(row_ptr, valid, 2, D_V)
+            sc3 = _load_scale(row_ptr, valid, 3, D_V)
+            s = _dot(q0, tl.trans(k0), s, UPCAST) * sc0[None, :]
+            s += _dot(q1, tl.trans(k1), tl.zeros_like(s), UPCAST) * sc1[None, :]
+            s += _dot(q2, tl.trans(k2), tl.zeros_like(s), UPCAST) * sc2[None, :]
+            s += _dot(q3, tl.trans(k3), tl.zeros_like(s), UPCAST) * sc3[None, :]
+        else:
+            s = _dot(q0, tl.trans(k0), s, UPCAST)
+            s = _dot(q1, tl.trans(k1), s, UPCAST)
+            s = _dot(q2, tl.trans(k2), s, UPCAST)
+            s = _dot(q3, tl.trans(k3), s, UPCAST)
         if D_PE > 0:
             # The rope tail is read as a DT-wide tile (columns >= D_PE masked off) so that
             # every gather of the step shares one layout: the slot load then stays a single
@@ -96,11 +120,18 @@ def _attend(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        pb = p.to(tl.bfloat16)
-        acc0 = _dot(pb, k0, acc0 * alpha[:, None], UPCAST)
-        acc1 = _dot(pb, k1, acc1 * alpha[:, None], UPCAST)
-        acc2 = _dot(pb, k2, acc2 * alpha[:, None], UPCAST)
-        acc3 = _dot(pb, k3, acc3 * alpha[:, None], UPCAST)
+        if IS_FP8 and not FP8_SCALE_ROWS:
+            # O_t += (P * scale_t) @ fp8_t: the V scale of row n folded into column n of P.
+            acc0 = _dot((p * sc0[None, :]).to(tl.bfloat16), k0, acc0 * alpha[:, None], UPCAST)
+            acc1 = _dot((p * sc1[None, :]).to(tl.bfloat16), k1, acc1 * alpha[:, None], UPCAST)
+            acc2 = _dot((p * sc2[None, :]).to(tl.bfloat16), k2, acc2 * alpha[:, None], UPCAST)
+            acc3 = _dot((p * sc3[None, :]).to(tl.bfloat16), k3, acc3 * alpha[:, None], UPCAST)
+        else:
+            pb = p.to(tl.bfloat16)
+            acc0 = _dot(pb, k0, acc0 * alpha[:, None], UPCAST)
+            acc1 = _dot(pb, k1, acc1 * alpha[:, None], UPCAST)
+            acc2 = _dot(pb, k2, acc2 * alpha[:, None], UPCAST)
+            acc3 = _dot(pb, k3, acc3 * alpha[:, None], UPCAST)
         m_i = m_new
     return acc0, acc1, acc2, acc3, m_i, l_i
 
@@ -128,7 +159,7 @@ def _sparse_mla_decode_kernel(
     heads, s_q, qk_scale, blocks_a, blocks_b, splits,
     IS_FP8: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_SINK: tl.constexpr, FINAL: tl.constexpr,
     D_V: tl.constexpr, D_PE: tl.constexpr, PE_OFF: tl.constexpr,
-    H_BLOCK: tl.constexpr, N_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
+    H_BLOCK: tl.constexpr, N_BLOCK: tl.constexpr, UPCAST: tl.constexpr, FP8_SCALE_ROWS: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_q = tl.program_id(1)
@@ -164,7 +195,7 @@ def _sparse_mla_decode_kernel(
     acc0, acc1, acc2, acc3, m_i, l_i = _attend(
         acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_pe,
         kv_ptr, idx_row, lo, hi, block_size, stride_blk, stride_tok, qk_scale,
-        IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST,
+        IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST, FP8_SCALE_ROWS,
     )
     if HAS_EXTRA:
         lo = (split * blocks_b) // splits * N_BLOCK
@@ -173,7 +204,7 @@ def _sparse_mla_decode_kernel(
         acc0, acc1, acc2, acc3, m_i, l_i = _attend(
             acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_pe,
             xkv_ptr, xidx_row, lo, hi, xblock_size, stride_xblk, stride_xtok, qk_scale,
-            IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST,
+            IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST, FP8_SCALE_ROWS,
         )
 
     inv_l = tl.where(l_i > 0.0, 1.0 / l_i, 0.0)
@@ -321,7 +352,7 @@ def sparse_mla_decode_triton(
         heads, s_q, float(sm_scale) * LOG2E, blocks_a, blocks_b, splits,
         IS_FP8=is_fp8, HAS_EXTRA=has_extra, HAS_SINK=attn_sink is not None, FINAL=final,
         D_V=d_v, D_PE=d_pe, PE_OFF=pe_off, H_BLOCK=h_block, N_BLOCK=n_block,
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", FP8_SCALE_ROWS=bool(cfg["FP8_SCALE_ROWS"]) and is_fp8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not final:
