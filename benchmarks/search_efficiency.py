@@ -127,6 +127,7 @@ def _point_from_key(key: str) -> Any:
 
 
 def run_grid(op: str, kernel: str, features: dict, *, warmup_ms: float, rep_ms: float, procs: int,
+             cuda_graph: bool = False,
              limit: int | None, fixed: dict[str, Any], out_path: pathlib.Path, started: float) -> dict[str, Any]:
     """Every valid point: numerics gate + compile in ``procs`` processes, then one timing
     each with ``timing.measure`` on one input set (written to ``out_path`` as it goes)."""
@@ -146,6 +147,7 @@ def run_grid(op: str, kernel: str, features: dict, *, warmup_ms: float, rep_ms: 
     grid: dict[str, Any] = {
         "environment": environment_row(), "op": op, "kernel": kernel, "features": features, "fixed": fixed,
         "points": len(points), "space_points": len(space), "warmup_ms": warmup_ms, "rep_ms": rep_ms,
+        "cuda_graph": cuda_graph,
         "compile_procs": procs, "compile_seconds": None, "timing_seconds": None, "complete": False, "rows": [],
     }
     t0 = time.perf_counter()
@@ -169,7 +171,8 @@ def run_grid(op: str, kernel: str, features: dict, *, warmup_ms: float, rep_ms: 
         if checked["status"] == "ok":
             fn = impl.bind(point.config_dict)
             try:
-                timing = measure(lambda: fn(*inputs, **kwargs), device=device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+                timing = measure(lambda: fn(*inputs, **kwargs), device=device, warmup_ms=warmup_ms, rep_ms=rep_ms,
+                                 cuda_graph=cuda_graph)
                 row.update(p50_us=timing.p50_us, p20_us=timing.p20_us, p80_us=timing.p80_us, reps=timing.reps)
             except Exception as e:
                 row.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
@@ -193,6 +196,7 @@ def run_live(grid: dict[str, Any], *, seed: int, url: str, timeout_s: float) -> 
     budget = max(1, int(math.floor(BUDGET_FRACTION * grid["points"])))
     settings = TuneSettings(op=grid["op"], kernels=(grid["kernel"],), trials=budget, sampler="tpe", seed=seed,
                             url=url, timeout_s=timeout_s, warmup_ms=grid["warmup_ms"], rep_ms=grid["rep_ms"],
+                            cuda_graph=bool(grid.get("cuda_graph")),
                             baseline=None, fixed={grid["kernel"]: grid.get("fixed") or {}})
     trials: list[dict[str, Any]] = []
 
@@ -369,7 +373,8 @@ def report(directory: pathlib.Path, prefix: str) -> None:
         + (f"; sub-space with {grid['fixed']} fixed" if grid.get("fixed") else "") + f"), statuses: {statuses}. "
         f"Each point first went through the numerics gate (poisoned outputs, the op's tolerance against the "
         f"reference; compiled in {grid['compile_procs']} processes), then was timed with `timing.measure`: warm-up "
-        f"{grid['warmup_ms']} ms, {grid['rep_ms']} ms of repetitions, L2 flushed, CUDA events, median.",
+        f"{grid['warmup_ms']} ms, {grid['rep_ms']} ms of repetitions, "
+        + ("CUDA-graph replays (the op is launch-bound), median." if grid.get("cuda_graph") else "L2 flushed, CUDA events, median."),
         f"Grid best {best:.2f} us, median of ok points {statistics.median(ok):.2f} us, worst {ok[-1]:.2f} us "
         f"(spread {ok[-1] / best:.1f}x). Points within 5% of the best: "
         f"{sum(1 for v in ok if v <= best * (1 + TOLERANCE))}.",
@@ -433,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--fix", action="append", default=[], metavar="PARAM=VALUE",
                        help="search the sub-space with PARAM fixed (repeatable; recorded in the results)")
         p.add_argument("--timeout", type=float, default=120.0)
+        p.add_argument("--cuda-graph", action="store_true",
+                       help="time CUDA-graph replays (launch-bound kernels: events would time the host launch)")
         p.add_argument("--out", required=True)
         p.add_argument("--prefix", default="search_efficiency")
         p.add_argument("--seed", type=int, default=0, help="live run seed")
@@ -455,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         features = _features(args.op, args.features, args.device)
         fixed = _fixed(args.op, args.kernel, args.fix)
         grid = run_grid(args.op, args.kernel, features, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-                        procs=args.procs, limit=args.limit, fixed=fixed,
+                        procs=args.procs, limit=args.limit, fixed=fixed, cuda_graph=args.cuda_graph,
                         out_path=out / f"{args.prefix}_grid.json", started=started)
         if args.cmd == "device":
             db = pathlib.Path("/tmp") / f"kernmux_search_{os.getpid()}.sqlite"
