@@ -5,9 +5,11 @@ tested against a stand-in module (tests/kernels/stand_ins/mla_aiter.py); the fac
 follows are in notes/aiter.md and seed 003 (ROCm/vllm PR #901):
 
 - fp8 q / fp8 kv only: on gfx950 the persistent kernels with ``return_lse`` exist only for
-  fp8/fp8. q and the selected rows are cast with one per-tensor fp32 scale each
-  (``q_scale`` / ``kv_scale``; amax / 448 computed on the device, no host sync). The op's
-  fp8 layout (per-128-column scales, bf16 rope) is dequantised first.
+  fp8/fp8. q and the selected rows are cast with one per-tensor power-of-two fp32 scale
+  each (``q_scale`` / ``kv_scale``, computed on the device, no host sync). The op's fp8
+  layout (per-128-column scales, bf16 rope) is dequantised first; its latent re-quantises
+  exactly up to exponent range, its bf16 rope and q are rounded to e4m3 (the seed's
+  parity, cosine mean ~0.9991, is this rounding).
 - The selected rows of each scope are gathered into a compact ``[Q * topk, 1, 1, d_qk]``
   buffer (page size 1), so ``kv_indices`` is a fixed-stride ``[Q, topk]`` table: row ``i``
   of query ``q`` is ``q * topk + j`` for its valid entries, moved to the front, then
@@ -75,8 +77,13 @@ def scratch_for(aiter: Any, queries: int, heads: int, topk: int, d_qk: int, d_v:
 
 
 def _to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor fp8: (x / scale) in e4m3fn and the fp32 scale [1], without a host sync."""
-    scale = (x.abs().amax().float() / FP8_MAX).clamp_min(1e-12).reshape(1)
+    """Per-tensor fp8: (x / scale) in e4m3fn and the fp32 scale [1], without a host sync.
+
+    The scale is a power of two (amax / 448 rounded up), so rows of the op's fp8 layout,
+    whose per-tile scales are powers of two too, re-quantise with only an exponent shift
+    (exact unless a tile is far below the largest); only bf16 values are rounded."""
+    amax = x.abs().amax().float().clamp_min(1e-30)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX))).reshape(1)
     return (x.float() / scale).to(FP8), scale
 
 
