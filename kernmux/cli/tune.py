@@ -37,7 +37,10 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="timing warm-up per trial (default 25)")
     parser.add_argument("--rep-ms", type=float, default=100.0, help="timing repetitions per trial (default 100)")
-    parser.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (launch-bound ops)")
+    parser.add_argument(
+        "--cuda-graph", choices=("auto", "on", "off"), default="auto",
+        help="time CUDA-graph replays: auto (default) = when the op's roofline floor is under 10 us, i.e. launch-bound",
+    )
     parser.add_argument("--baseline", default="torch", help="kernel measured first for the speed-up (default torch)")
     parser.add_argument("--in-process", action="store_true",
                         help="run trials in the tuning process (no crash isolation; debugging)")
@@ -123,7 +126,7 @@ def run(args) -> int:
         settings = TuneSettings(
             op=op.name, kernels=kernels, trials=args.trials, sampler=args.sampler, seed=args.seed,
             url=args.db, workers=args.workers, timeout_s=args.timeout, warmup_ms=args.warmup_ms,
-            rep_ms=args.rep_ms, cuda_graph=args.cuda_graph, isolate=not args.in_process,
+            rep_ms=args.rep_ms, cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph], isolate=not args.in_process,
             imports=tuple(args.imports), baseline=args.baseline or None,
         )
     except (UsageError, ModuleNotFoundError) as e:

@@ -180,3 +180,22 @@ def environment_row() -> dict[str, Any]:
         "python": pyplatform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+# Below this roofline floor an op is launch-bound: one eager launch costs more host time
+# than the kernel runs, so CUDA events around a single launch time the host, not the
+# kernel. Such problems are timed by CUDA-graph replay (what an engine under graphs sees).
+LAUNCH_BOUND_FLOOR_US = 10.0
+
+
+def prefers_cuda_graph(op, features, platform, ceiling=None) -> bool:
+    """True when ``op`` on ``features`` is launch-bound on this GPU (see above).
+
+    Uses the measured ceilings of the device when known, else H100 figures as a
+    conservative stand-in for "a modern datacenter GPU"."""
+    if features.get("device", "cpu") == "cpu":
+        return False
+    from kernmux.tuning_db.ceilings import MEASURED, ceilings_for
+
+    ceiling = ceiling or ceilings_for(platform.device) or MEASURED[0]
+    return ceiling.floor_us(op.roofline(features, platform)) < LAUNCH_BOUND_FLOOR_US

@@ -37,7 +37,8 @@ class TrialSpec:
     device: the torch device the inputs are made on ("cpu", "cuda", "cuda:1").
     seed: seeds ``make_inputs`` (the tuner passes a fresh seed per trial).
     warmup_ms / rep_ms: the timing budget handed to ``measure``.
-    cuda_graph: time CUDA-graph replays (launch-bound ops) instead of single launches.
+    cuda_graph: time CUDA-graph replays instead of single launches; None = decide per
+        problem (graph replay when the roofline floor says the op is launch-bound).
     """
 
     op: str
@@ -49,7 +50,7 @@ class TrialSpec:
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     flush_l2: bool = True
-    cuda_graph: bool = False
+    cuda_graph: bool | None = None
     study: str | None = None
     trial_number: int | None = None
 
@@ -212,7 +213,7 @@ def run_trial(spec: TrialSpec, platform: Platform | None = None) -> TrialRecord:
 
 def _gate_and_time(spec: TrialSpec, op: Any, kernel: Kernel, config: dict, platform: Platform) -> TrialRecord:
     from kernmux.dispatch.outputs import poisoned_outputs
-    from kernmux.tuning_db.timing import measure
+    from kernmux.tuning_db.timing import measure, prefers_cuda_graph
 
     fn = kernel.bind(config)
     args, kwargs = op.make_inputs(spec.features, spec.device, spec.seed)
@@ -236,7 +237,7 @@ def _gate_and_time(spec: TrialSpec, op: Any, kernel: Kernel, config: dict, platf
         warmup_ms=spec.warmup_ms,
         rep_ms=spec.rep_ms,
         flush_l2=spec.flush_l2,
-        cuda_graph=spec.cuda_graph,
+        cuda_graph=spec.cuda_graph if spec.cuda_graph is not None else prefers_cuda_graph(op, spec.features, platform),
     )
     return base_record(
         spec, platform, status="ok", metrics=metrics, error=None,

@@ -79,7 +79,7 @@ class TuneSettings:
     timeout_s: float = 120.0
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
-    cuda_graph: bool = False
+    cuda_graph: bool | None = None  # None: per problem (graph replay when launch-bound)
     isolate: bool = True
     imports: tuple[str, ...] = ()
     baseline: str | None = "torch"

@@ -109,3 +109,20 @@ def test_worker_that_cannot_import_its_modules_is_an_error():
     with TrialWorker(imports=["kernmux_no_such_module_for_test"], start_timeout_s=60) as worker:
         record = worker.run(_spec("good"), timeout_s=10.0)
     assert record.status == "error" and "ModuleNotFoundError" in record.error
+
+
+def test_launch_bound_problems_prefer_graph_timing():
+    """Tiny rooflines are timed by graph replay; large ones by events; CPU never by graphs."""
+    from kernmux.dispatch.platform import Platform
+    from kernmux.dispatch.registry import REGISTRY, Roofline
+    from kernmux.tuning_db.timing import prefers_cuda_graph
+
+    h100 = Platform(vendor="cuda", arch="sm_90", device="NVIDIA H100 80GB HBM3", units=132)
+    op = REGISTRY.op("toy_attention")
+    small = {**op.default_features("cuda")}
+    assert op.roofline(small, h100).bytes < 1e6
+    assert prefers_cuda_graph(op, small, h100)
+    big = {**small, "batch": 4096, "keys": 8192, "dim": 128}
+    assert op.roofline(big, h100).floor_us(2.96, 699.0) > 10
+    assert not prefers_cuda_graph(op, big, h100)
+    assert not prefers_cuda_graph(op, {**small, "device": "cpu"}, h100)
