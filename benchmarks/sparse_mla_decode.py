@@ -56,8 +56,8 @@ def candidates(feats: dict[str, Any]) -> list[dict[str, int]]:
     base = _SMALL_HEADS if feats["heads"] <= 16 else _MANY_HEADS
     if feats["kv_dtype"] != "fp8":
         return base
-    # fp8: both ways of applying the per-tile scales, on the three first configs.
-    return [{**c, "FP8_SCALE_ROWS": rows} for c in base[:3] for rows in (1, 0)]
+    # fp8: tiles dequantised in registers (mode 0) or fp16 operands with folded scales (2).
+    return [{**c, "FP8_MODE": mode} for c in base[:3] for mode in (0, 2)]
 
 
 def features(batch: int, heads: int, topk: int, extra: int, kv_dtype: str, device: str) -> dict[str, Any]:
@@ -251,7 +251,7 @@ def _cfg_text(cfg: dict, feats: dict) -> str:
     keys = ("H_BLOCK", "N_BLOCK", "SPLITS", "num_warps", "num_stages")
     text = "/".join(str(cfg[k]) for k in keys)
     if feats["kv_dtype"] == "fp8":
-        text += " scale-rows" if cfg.get("FP8_SCALE_ROWS") else " scale-S/P"
+        text += {0: " dequant-rows", 1: " bf16-fold", 2: " f16-fold"}.get(cfg.get("FP8_MODE"), "")
     return text
 
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-DEFAULT_CONFIG: dict[str, int] = {"H_BLOCK": 0, "N_BLOCK": 32, "SPLITS": 0, "num_warps": 0, "num_stages": 3, "FP8_SCALE_ROWS": 1}
+DEFAULT_CONFIG: dict[str, int] = {"H_BLOCK": 0, "N_BLOCK": 32, "SPLITS": 0, "num_warps": 0, "num_stages": 3, "FP8_MODE": 0}
 CONFIG_SPACE: dict[str, tuple[int, ...]] = {
     "H_BLOCK": (0, 16, 32, 64),  # heads per program; 0: 16 up to 16 heads, else 32
     "N_BLOCK": (16, 32, 64),  # slots gathered per step
     "SPLITS": (0, 1, 2, 4, 8, 16, 32, 64),  # programs per (query, head group); 0: cover the SMs once
     "num_warps": (0, 4, 8),  # 0: 4 for 16-head groups, else 8
     "num_stages": (1, 2, 3, 4),
-    # fp8 KV: 1 = dequantise each gathered tile (fp8 * scale -> bf16); 0 = convert only
-    # and fold the per-tile scales into the scores and the probabilities.
-    "FP8_SCALE_ROWS": (0, 1),
+    # fp8 KV: 0 = dequantise each gathered tile (fp8 * scale -> bf16); 1 = convert to bf16
+    # and fold the per-tile scales into the scores and probabilities; 2 = the same with
+    # fp16 operands (native fp8 -> fp16 conversion; q pre-scaled by a power of two).
+    "FP8_MODE": (0, 1, 2),
 }
 
 

@@ -34,18 +34,20 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _load_tile(row_ptr, valid, col0, DT: tl.constexpr, IS_FP8: tl.constexpr, SCALE_ROWS: tl.constexpr, D_V: tl.constexpr):
-    """Columns [col0, col0 + DT) of the gathered rows as bf16 [N, DT] (zeros where invalid).
-
-    fp8 latent, SCALE_ROWS: dequantised in registers (fp8 * scale -> bf16). Otherwise it is
-    only converted (exact) and the caller applies the scales to S and P instead."""
+def _load_tile(row_ptr, valid, col0, DT: tl.constexpr, IS_FP8: tl.constexpr, FP8_MODE: tl.constexpr, D_V: tl.constexpr):
+    """Columns [col0, col0 + DT) of the gathered rows [N, DT] (zeros where invalid), as the
+    MMA operand type: bf16, or for fp8 latent by FP8_MODE: 0 dequantised in registers
+    (fp8 * scale -> bf16); 1 converted to bf16, 2 converted to fp16 (both exact; the
+    caller applies the scales to S and P instead)."""
     cols = col0 + tl.arange(0, DT)
     if IS_FP8:
         ptrs = row_ptr.to(tl.pointer_type(tl.float8e4nv))[:, None] + cols[None, :]
         tile = tl.load(ptrs, mask=valid[:, None], other=0.0)
-        if SCALE_ROWS:
+        if FP8_MODE == 0:
             scale = _load_scale(row_ptr, valid, col0 // DT, D_V)
             tile = (tile.to(tl.float32) * scale[:, None]).to(tl.bfloat16)
+        elif FP8_MODE == 2:
+            tile = tile.to(tl.float16)
         else:
             tile = tile.to(tl.bfloat16)
     else:
@@ -71,10 +73,10 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 @triton.jit
 def _attend(
     acc0, acc1, acc2, acc3, m_i, l_i,
-    q0, q1, q2, q3, q_pe,
+    q0, q1, q2, q3, q_pe, q_unscale,
     kv_ptr, idx_ptr, start, end, block_size, stride_blk, stride_tok, qk_scale,
     IS_FP8: tl.constexpr, D_V: tl.constexpr, D_PE: tl.constexpr, PE_OFF: tl.constexpr,
-    N_BLOCK: tl.constexpr, UPCAST: tl.constexpr, FP8_SCALE_ROWS: tl.constexpr,
+    N_BLOCK: tl.constexpr, UPCAST: tl.constexpr, FP8_MODE: tl.constexpr,
 ):
     """Online softmax over slots idx_ptr[start:end] of one cache (one scope).
     fp8 rows: latent tiles in e4m3 with one fp32 scale each at byte D_V + 4 t."""
@@ -85,12 +87,12 @@ def _attend(
         valid = slot >= 0
         slot = tl.where(valid, slot, 0).to(tl.int64)
         row_ptr = kv_ptr + (slot // block_size) * stride_blk + (slot % block_size) * stride_tok
-        k0 = _load_tile(row_ptr, valid, 0, DT, IS_FP8, FP8_SCALE_ROWS, D_V)
-        k1 = _load_tile(row_ptr, valid, DT, DT, IS_FP8, FP8_SCALE_ROWS, D_V)
-        k2 = _load_tile(row_ptr, valid, 2 * DT, DT, IS_FP8, FP8_SCALE_ROWS, D_V)
-        k3 = _load_tile(row_ptr, valid, 3 * DT, DT, IS_FP8, FP8_SCALE_ROWS, D_V)
+        k0 = _load_tile(row_ptr, valid, 0, DT, IS_FP8, FP8_MODE, D_V)
+        k1 = _load_tile(row_ptr, valid, DT, DT, IS_FP8, FP8_MODE, D_V)
+        k2 = _load_tile(row_ptr, valid, 2 * DT, DT, IS_FP8, FP8_MODE, D_V)
+        k3 = _load_tile(row_ptr, valid, 3 * DT, DT, IS_FP8, FP8_MODE, D_V)
         s = tl.zeros((q0.shape[0], N_BLOCK), dtype=tl.float32)
-        if IS_FP8 and not FP8_SCALE_ROWS:
+        if IS_FP8 and FP8_MODE != 0:
             # S = sum_t scale_t[n] * (q_t . fp8_t[n]): one dot per scale tile.
             sc0 = _load_scale(row_ptr, valid, 0, D_V)
             sc1 = _load_scale(row_ptr, valid, 1, D_V)
@@ -100,6 +102,7 @@ def _attend(
             s += _dot(q1, tl.trans(k1), tl.zeros_like(s), UPCAST) * sc1[None, :]
             s += _dot(q2, tl.trans(k2), tl.zeros_like(s), UPCAST) * sc2[None, :]
             s += _dot(q3, tl.trans(k3), tl.zeros_like(s), UPCAST) * sc3[None, :]
+            s = s * q_unscale  # fp16 q was pre-scaled by a power of two
         else:
             s = _dot(q0, tl.trans(k0), s, UPCAST)
             s = _dot(q1, tl.trans(k1), s, UPCAST)
@@ -120,12 +123,12 @@ def _attend(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IS_FP8 and not FP8_SCALE_ROWS:
+        if IS_FP8 and FP8_MODE != 0:
             # O_t += (P * scale_t) @ fp8_t: the V scale of row n folded into column n of P.
-            acc0 = _dot((p * sc0[None, :]).to(tl.bfloat16), k0, acc0 * alpha[:, None], UPCAST)
-            acc1 = _dot((p * sc1[None, :]).to(tl.bfloat16), k1, acc1 * alpha[:, None], UPCAST)
-            acc2 = _dot((p * sc2[None, :]).to(tl.bfloat16), k2, acc2 * alpha[:, None], UPCAST)
-            acc3 = _dot((p * sc3[None, :]).to(tl.bfloat16), k3, acc3 * alpha[:, None], UPCAST)
+            acc0 = _dot((p * sc0[None, :]).to(k0.dtype), k0, acc0 * alpha[:, None], UPCAST)
+            acc1 = _dot((p * sc1[None, :]).to(k1.dtype), k1, acc1 * alpha[:, None], UPCAST)
+            acc2 = _dot((p * sc2[None, :]).to(k2.dtype), k2, acc2 * alpha[:, None], UPCAST)
+            acc3 = _dot((p * sc3[None, :]).to(k3.dtype), k3, acc3 * alpha[:, None], UPCAST)
         else:
             pb = p.to(tl.bfloat16)
             acc0 = _dot(pb, k0, acc0 * alpha[:, None], UPCAST)
@@ -159,7 +162,7 @@ def _sparse_mla_decode_kernel(
     heads, s_q, qk_scale, blocks_a, blocks_b, splits,
     IS_FP8: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_SINK: tl.constexpr, FINAL: tl.constexpr,
     D_V: tl.constexpr, D_PE: tl.constexpr, PE_OFF: tl.constexpr,
-    H_BLOCK: tl.constexpr, N_BLOCK: tl.constexpr, UPCAST: tl.constexpr, FP8_SCALE_ROWS: tl.constexpr,
+    H_BLOCK: tl.constexpr, N_BLOCK: tl.constexpr, UPCAST: tl.constexpr, FP8_MODE: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_q = tl.program_id(1)
@@ -180,6 +183,19 @@ def _sparse_mla_decode_kernel(
         q_pe = tl.load(q_row + D_V + offs_t[None, :], mask=h_mask[:, None] & (offs_t[None, :] < D_PE), other=0.0)
     else:
         q_pe = q0  # unused
+    q_unscale = 1.0
+    if IS_FP8 and FP8_MODE == 2:
+        # fp16 operands: bring the largest |q| of this program to <= 2^14 by a power of
+        # two (exact), so q cannot overflow fp16; S is scaled back after the dots.
+        q_max = tl.maximum(tl.maximum(tl.max(tl.abs(q0.to(tl.float32))), tl.max(tl.abs(q1.to(tl.float32)))),
+                           tl.maximum(tl.max(tl.abs(q2.to(tl.float32))), tl.max(tl.abs(q3.to(tl.float32)))))
+        shift = tl.minimum(14.0 - tl.ceil(tl.log2(tl.maximum(q_max, 1e-30))), 0.0)
+        q_scale = tl.exp2(shift)
+        q_unscale = tl.exp2(-shift)
+        q0 = (q0.to(tl.float32) * q_scale).to(tl.float16)
+        q1 = (q1.to(tl.float32) * q_scale).to(tl.float16)
+        q2 = (q2.to(tl.float32) * q_scale).to(tl.float16)
+        q3 = (q3.to(tl.float32) * q_scale).to(tl.float16)
 
     acc0 = tl.zeros((H_BLOCK, DT), dtype=tl.float32)
     acc1 = tl.zeros((H_BLOCK, DT), dtype=tl.float32)
@@ -193,22 +209,24 @@ def _sparse_mla_decode_kernel(
     hi = tl.minimum((split + 1) * blocks_a // splits * N_BLOCK, topk)
     idx_row = idx_ptr + b.to(tl.int64) * stride_ib + t * stride_is
     acc0, acc1, acc2, acc3, m_i, l_i = _attend(
-        acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_pe,
+        acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_pe, q_unscale,
         kv_ptr, idx_row, lo, hi, block_size, stride_blk, stride_tok, qk_scale,
-        IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST, FP8_SCALE_ROWS,
+        IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST, FP8_MODE,
     )
     if HAS_EXTRA:
         lo = (split * blocks_b) // splits * N_BLOCK
         hi = tl.minimum((split + 1) * blocks_b // splits * N_BLOCK, xtopk)
         xidx_row = xidx_ptr + b.to(tl.int64) * stride_xb + t * stride_xs
         acc0, acc1, acc2, acc3, m_i, l_i = _attend(
-            acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_pe,
+            acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_pe, q_unscale,
             xkv_ptr, xidx_row, lo, hi, xblock_size, stride_xblk, stride_xtok, qk_scale,
-            IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST, FP8_SCALE_ROWS,
+            IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST, FP8_MODE,
         )
 
-    inv_l = tl.where(l_i > 0.0, 1.0 / l_i, 0.0)
-    lse2 = tl.where(l_i > 0.0, m_i + tl.log2(l_i), float("-inf"))
+    # l = 0: no valid slot in this share (or at all); the max() only keeps 1/0 and log(0)
+    # out of the arithmetic, the where() decides.
+    inv_l = tl.where(l_i > 0.0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
+    lse2 = tl.where(l_i > 0.0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
     row = pid_q.to(tl.int64) * heads + offs_h  # (query, head) row of o / lse
     if FINAL:
         out_ptr = o_ptr + row[:, None] * D_V + offs_t[None, :]
@@ -257,8 +275,8 @@ def _combine_kernel(
         den = den * alpha + w
         acc = acc * alpha[:, None] + o_s * w[:, None]
         m = m_new
-    lse2 = tl.where(den > 0.0, m + tl.log2(den), float("-inf"))
-    o = acc * tl.where(den > 0.0, 1.0 / den, 0.0)[:, None]
+    lse2 = tl.where(den > 0.0, m + tl.log2(tl.maximum(den, 1e-30)), float("-inf"))
+    o = acc * tl.where(den > 0.0, 1.0 / tl.maximum(den, 1e-30), 0.0)[:, None]
     o, lse = _finish_row(o, lse2, sink_ptr, offs_h, h_mask, HAS_SINK)
     row = pid_q.to(tl.int64) * heads + offs_h
     tl.store(o_ptr + row[:, None] * D_V + offs_d[None, :], o.to(tl.bfloat16), mask=h_mask[:, None])
@@ -352,7 +370,7 @@ def sparse_mla_decode_triton(
         heads, s_q, float(sm_scale) * LOG2E, blocks_a, blocks_b, splits,
         IS_FP8=is_fp8, HAS_EXTRA=has_extra, HAS_SINK=attn_sink is not None, FINAL=final,
         D_V=d_v, D_PE=d_pe, PE_OFF=pe_off, H_BLOCK=h_block, N_BLOCK=n_block,
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", FP8_SCALE_ROWS=bool(cfg["FP8_SCALE_ROWS"]) and is_fp8,
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", FP8_MODE=int(cfg["FP8_MODE"]) if is_fp8 else 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not final:
