@@ -201,8 +201,11 @@ def test_compare_catches_nan_wrong_empty_rows_and_noise():
     noisy = (ref[0].float() + 0.2 * ref[0].float().std() * torch.randn_like(ref[0].float())).to(torch.bfloat16)
     result = compare((noisy, lse), ref, feats())
     assert not result.passed and result.metrics["cos_mean"] < 0.999
-    for key in ("cos_min", "cos_mean", "cos_max", "rel_err", "lse_max_abs_err"):
+    for key in ("cos_min", "cos_mean", "cos_max", "rel_err", "lse_max_abs_err", "norm_dev_mean", "norm_dev_max"):
         assert key in result.metrics
+    # a 5% magnitude error keeps every cosine at 1: the norm check must catch it
+    scaled = compare(((ref[0].float() * 1.05).to(torch.bfloat16), lse), ref, feats())
+    assert scaled.metrics["cos_min"] > 0.9999 and not scaled.passed and "row norms" in scaled.detail
 
 
 # --------------------------------------------------------------------------- triton
