@@ -38,26 +38,37 @@ TOPK, EXTRA = 2048, 512
 # Candidate Triton configs (SPLITS 0 = automatic), from the sm_90 compile report
 # (registers / spills / shared memory) and a first H100 sweep; the timings decide.
 _SMALL_HEADS = [
+    {},  # the kernel's automatic choice
     {"H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 2},
-    {"H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 3},
     {"H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 2, "SPLITS": 8},
     {"H_BLOCK": 16, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3},
 ]
 _MANY_HEADS = [
+    {},
     {"H_BLOCK": 16, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3},
-    {"H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 2},
     {"H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3},
     {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2},
-    {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 16, "num_stages": 2},
+    {"H_BLOCK": 64, "N_BLOCK": 16, "num_warps": 8, "num_stages": 3},
+]
+_FP8_SMALL_HEADS = [
+    {},
+    {"H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 2, "SPLITS": 8},
+    {"H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 3, "FP8_MODE": 2},
+    {"H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 2, "SPLITS": 8, "FP8_MODE": 2},
+]
+_FP8_MANY_HEADS = [
+    {},
+    {"H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3, "FP8_MODE": 2},
+    {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2},
+    {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2, "FP8_MODE": 2},
+    {"H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 2},
 ]
 
 
 def candidates(feats: dict[str, Any]) -> list[dict[str, int]]:
-    base = _SMALL_HEADS if feats["heads"] <= 16 else _MANY_HEADS
-    if feats["kv_dtype"] != "fp8":
-        return base
-    # fp8: tiles dequantised in registers (mode 0) or fp16 operands with folded scales (2).
-    return [{**c, "FP8_MODE": mode} for c in base[:3] for mode in (0, 2)]
+    if feats["kv_dtype"] == "fp8":
+        return _FP8_SMALL_HEADS if feats["heads"] <= 16 else _FP8_MANY_HEADS
+    return _SMALL_HEADS if feats["heads"] <= 16 else _MANY_HEADS
 
 
 def features(batch: int, heads: int, topk: int, extra: int, kv_dtype: str, device: str) -> dict[str, Any]:
@@ -76,7 +87,7 @@ def resolved(feats: dict[str, Any], config: dict[str, int]) -> dict[str, int]:
 
     from kernmux.kernels.sparse_mla_decode.triton import resolve_config
 
-    return resolve_config(config, feats["heads"], feats["batch"] * feats["qlen"], feats["topk"], torch.device(feats["device"]))
+    return resolve_config(config, feats["heads"], feats["batch"] * feats["qlen"], feats["topk"], torch.device(feats["device"]), feats["kv_dtype"])
 
 
 # --------------------------------------------------------------------------- compile
@@ -190,8 +201,12 @@ def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_
             except Exception as e:
                 rows.append(row("torch", None, mode, error=f"{type(e).__name__}: {str(e)[:300]}"))
         timed = []
+        seen: list[dict] = []
         for cand in candidates(feats):
             cfg = resolved(feats, cand)
+            if cfg in seen:  # the automatic choice may equal a listed candidate
+                continue
+            seen.append(cfg)
             small_key = json.dumps([{**feats, "batch": 2}, cfg], sort_keys=True)
             if small_key in compile_errors:
                 rows.append(row("triton", cfg, "graph", error=compile_errors[small_key]))

@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
-DEFAULT_CONFIG: dict[str, int] = {"H_BLOCK": 0, "N_BLOCK": 32, "SPLITS": 0, "num_warps": 0, "num_stages": 3, "FP8_MODE": 0}
+# 0 = chosen per problem by ``auto_tile`` (H_BLOCK, N_BLOCK, num_warps, num_stages
+# together) or, for SPLITS, enough programs to cover the SMs once.
+DEFAULT_CONFIG: dict[str, int] = {"H_BLOCK": 0, "N_BLOCK": 0, "SPLITS": 0, "num_warps": 0, "num_stages": 0, "FP8_MODE": 0}
 CONFIG_SPACE: dict[str, tuple[int, ...]] = {
-    "H_BLOCK": (0, 16, 32, 64),  # heads per program; 0: 16 up to 16 heads, else 32
-    "N_BLOCK": (16, 32, 64),  # slots gathered per step
-    "SPLITS": (0, 1, 2, 4, 8, 16, 32, 64),  # programs per (query, head group); 0: cover the SMs once
-    "num_warps": (0, 4, 8),  # 0: 4 for 16-head groups, else 8
-    "num_stages": (1, 2, 3, 4),
+    "H_BLOCK": (0, 16, 32, 64),  # heads per program (one gathered row serves all of them)
+    "N_BLOCK": (0, 16, 32, 64),  # slots gathered per step
+    "SPLITS": (0, 1, 2, 4, 8, 16, 32, 64),  # programs per (query, head group) over the slots
+    "num_warps": (0, 4, 8),
+    "num_stages": (0, 1, 2, 3, 4),
     # fp8 KV: 0 = dequantise each gathered tile (fp8 * scale -> bf16); 1 = convert to bf16
     # and fold the per-tile scales into the scores and probabilities; 2 = the same with
     # fp16 operands (native fp8 -> fp16 conversion; q pre-scaled by a power of two).
     "FP8_MODE": (0, 1, 2),
 }
+TILE_KEYS = ("H_BLOCK", "N_BLOCK", "num_warps", "num_stages")
+
+
+def auto_tile(kv_dtype: str, heads: int, queries: int) -> dict[str, int]:
+    """Tile shape by problem, from the H100 sweep (benchmarks/results/sparse_mla_decode_*):
+    16-head groups (mma.sync, no spills) everywhere except many (query, head) rows with
+    bf16 KV, where 64-head groups (wgmma, some spills) won; fp8 tiles are dequantised in
+    registers, which favours shorter steps for few heads and 32-head groups for many."""
+    if kv_dtype == "fp8":
+        if heads <= 16:
+            return {"H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 3}
+        return {"H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3}
+    if heads > 16 and queries * heads >= 8192:
+        return {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2}
+    return {"H_BLOCK": 16, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3}
 
 
 def triton_shape_reason(d_qk: int, d_v: int, kv_dtype: str) -> str:

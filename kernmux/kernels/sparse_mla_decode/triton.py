@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kernmux.dispatch.outputs import empty_output
-from kernmux.kernels.sparse_mla_decode.config import DEFAULT_CONFIG
+from kernmux.kernels.sparse_mla_decode.config import DEFAULT_CONFIG, TILE_KEYS, auto_tile
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -292,15 +292,16 @@ def _units(device: torch.device) -> int:
     return 4
 
 
-def resolve_config(config: Mapping[str, Any] | None, heads: int, queries: int, topk: int, device: torch.device) -> dict[str, int]:
+def resolve_config(
+    config: Mapping[str, Any] | None, heads: int, queries: int, topk: int, device: torch.device, kv_dtype: str = "bf16"
+) -> dict[str, int]:
     """Fill the automatic (0) entries of a config for this problem."""
     cfg = {**DEFAULT_CONFIG, **(config or {})}
+    tile = auto_tile(kv_dtype, heads, queries)
+    for key in TILE_KEYS:
+        if not cfg[key]:
+            cfg[key] = tile[key]
     blocks_a = triton.cdiv(topk, cfg["N_BLOCK"])
-    # 64-head groups spill on sm_90 (255 registers); 32 with 8 warps and 16 with 4 do not.
-    if not cfg["H_BLOCK"]:
-        cfg["H_BLOCK"] = 16 if heads <= 16 else 32
-    if not cfg["num_warps"]:
-        cfg["num_warps"] = 4 if cfg["H_BLOCK"] <= 16 else 8
     if not cfg["SPLITS"]:
         programs = queries * triton.cdiv(heads, cfg["H_BLOCK"])
         cfg["SPLITS"] = max(1, min(64, triton.cdiv(_units(device), programs)))
@@ -341,7 +342,7 @@ def sparse_mla_decode_triton(
     if queries == 0 or heads == 0:
         return o, lse
 
-    cfg = resolve_config(config, heads, queries, topk, q.device)
+    cfg = resolve_config(config, heads, queries, topk, q.device, "fp8" if is_fp8 else "bf16")
     h_block, n_block, splits = cfg["H_BLOCK"], cfg["N_BLOCK"], cfg["SPLITS"]
     blocks_a = triton.cdiv(topk, n_block)
     if has_extra:
