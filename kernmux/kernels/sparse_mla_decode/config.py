@@ -20,13 +20,16 @@ TILE_KEYS = ("H_BLOCK", "N_BLOCK", "num_warps", "num_stages")
 
 
 def auto_tile(kv_dtype: str, heads: int, queries: int) -> dict[str, int]:
-    """Tile shape by problem, from the H100 sweep (benchmarks/results/sparse_mla_decode_*):
-    16-head groups (mma.sync, no spills) everywhere except many (query, head) rows with
-    bf16 KV, where 64-head groups (wgmma, some spills) won; fp8 tiles are dequantised in
-    registers, which favours shorter steps for few heads and 32-head groups for many."""
+    """Tile shape by problem, the fastest candidates of the H100 sweep
+    (benchmarks/results/sparse_mla_decode_h100.md): 16-head groups (mma.sync, no spills)
+    for few (query, head) rows, 64-head groups (wgmma, some register spills) for many;
+    with fp8 KV the 64-head groups win earlier, as the dequantisation of each gathered
+    tile is then shared by four times as many heads."""
     if kv_dtype == "fp8":
         if heads <= 16:
             return {"H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 3}
+        if queries * heads >= 512:
+            return {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2}
         return {"H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3}
     if heads > 16 and queries * heads >= 8192:
         return {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2}
