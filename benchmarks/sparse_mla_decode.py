@@ -236,7 +236,7 @@ def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_
         if save:  # after every shape, so a run cut short still leaves its rows
             with open(save, "w") as f:
                 json.dump(rows, f, indent=1, default=str)
-        del sets, ref_out
+        sets = ref_out = None  # free this shape's inputs before the next one
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows

@@ -296,7 +296,7 @@ def test_transforms_exact_on_the_reference():
 
 def test_parity_flags_a_wrong_kernel():
     """The harness is not a rubber stamp: a kernel that ignores the sink fails it."""
-    from kernmux.dispatch.registry import Kernel, Registry, register_kernel  # noqa: F401
+    from kernmux.dispatch.registry import Kernel
 
     def no_sink(q, kv, idx, scale, d_v, extra_kv_cache=None, extra_indices=None, attn_sink=None):
         return reference(q, kv, idx, scale, d_v, extra_kv_cache, extra_indices, None)
