@@ -14,7 +14,8 @@ def register(subparsers) -> None:
         description=(
             "For every combination of the given features (feat=v1,v2 is a sweep) and every "
             "kernel available here, draw fresh random inputs, poison the kernel's outputs, run "
-            "it and the reference, and compare with the op's tolerance. Exit 1 if any fails."
+            "it and the reference, and compare with the op's tolerance. Features not given are "
+            "swept over the op's default grid (see `kernmux ops`). Exit 1 if any fails."
         ),
     )
     parser.add_argument("op", help="op name (see `kernmux ops`)")
@@ -45,7 +46,14 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         op = get_op(args.op)
-        combos = parse_feature_args(op, args.features, device=device)
+        items = list(args.features)
+        # With no features given, sweep the op's declared default grid (e.g. the
+        # sparse MLA parity table); features given on the command line replace it.
+        given = {item.partition("=")[0].strip() for item in items}
+        for name, values in op.sweep_defaults.items():
+            if name not in given:
+                items.append(f"{name}={','.join(str(v) for v in values)}")
+        combos = parse_feature_args(op, items, device=device)
         kernels = REGISTRY.kernels_of(op.name)
         names = [k for k in sorted(kernels) if not kernels[k].test_only or args.kernels]
         if args.kernels:
@@ -63,7 +71,7 @@ def run(args) -> int:
             results.append(result)
             if not args.json:
                 mark = {"pass": "PASS", "fail": "FAIL", "error": "ERROR"}.get(result.status, "skip")
-                metrics = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
+                metrics = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
                 print(f"{mark:5} {name:14} {format_features(feats)}  {metrics}  {result.detail}".rstrip())
                 sys.stdout.flush()
     ran = [r for r in results if r.status in ("pass", "fail", "error")]

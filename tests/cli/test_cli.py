@@ -80,3 +80,19 @@ def test_ops_lists_real_ops_json(capsys):
     assert code == 0
     data = json.loads(out)
     assert "platform" in data and isinstance(data["ops"], list)
+
+
+def test_verify_sweeps_op_default_grid(capsys, monkeypatch):
+    """No features given: the op's declared sweep_defaults grid is verified."""
+    from kernmux.dispatch.registry import REGISTRY
+
+    op = REGISTRY.op("toy_attention")
+    import dataclasses
+
+    patched = dataclasses.replace(op, sweep_defaults={"heads": (4, 8), "sink": (False, True)})
+    monkeypatch.setitem(REGISTRY.ops, "toy_attention", patched)
+    code, out, _ = run(capsys, "verify", "toy_attention", "--kernels", "torch", "--seed", "1", "--json")
+    data = json.loads(out)
+    assert code == 0 and len(data["results"]) == 4
+    code, out, _ = run(capsys, "verify", "toy_attention", "heads=16", "--kernels", "torch", "--seed", "1", "--json")
+    assert {r["features"]["heads"] for r in json.loads(out)["results"]} == {16}
