@@ -4,7 +4,16 @@ from __future__ import annotations
 
 # 0 = chosen per problem by ``auto_tile`` (H_BLOCK, N_BLOCK, num_warps, num_stages
 # together) or, for SPLITS, enough programs to cover the SMs once.
-DEFAULT_CONFIG: dict[str, int] = {"H_BLOCK": 0, "N_BLOCK": 0, "SPLITS": 0, "num_warps": 0, "num_stages": 0, "FP8_MODE": 0}
+DEFAULT_CONFIG: dict[str, int] = {"H_BLOCK": 0, "N_BLOCK": 0, "SPLITS": 0, "num_warps": 0, "num_stages": 0, "FP8_MODE": 0, "LAYOUT": 0}
+
+# LAYOUT: which kernel body. TILES: four d_v/4 column tiles per gathered row, any head
+# group (triton.py). WIDE: 64 heads on two warpgroups, one latent tile, S split by slots
+# and O by columns between the warpgroups (triton_wide.py). SPLIT_S: the four-tile body
+# with S split by slots (64 heads, 8 warps).
+LAYOUT_AUTO, LAYOUT_TILES, LAYOUT_WIDE, LAYOUT_SPLIT_S = 0, 1, 2, 3
+# The tile of the two-warpgroup layouts when not given: 8 warps of 64 heads, 32 slots a
+# step, two row buffers (sm_90 compile report: 250 registers, no spills, 156 KB shared).
+WIDE_TILE: dict[str, int] = {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 3}
 CONFIG_SPACE: dict[str, tuple[int, ...]] = {
     "H_BLOCK": (0, 16, 32, 64),  # heads per program (one gathered row serves all of them)
     "N_BLOCK": (0, 16, 32, 64),  # slots gathered per step
@@ -14,26 +23,28 @@ CONFIG_SPACE: dict[str, tuple[int, ...]] = {
     # fp8 KV: 0 = dequantise each gathered tile (fp8 * scale -> bf16); 1 = convert to bf16
     # and fold the per-tile scales into the scores and probabilities; 2 = the same with
     # fp16 operands (native fp8 -> fp16 conversion; q pre-scaled by a power of two).
-    "FP8_MODE": (0, 1, 2),
+    "FP8_MODE": (0, 1, 2),  # four-tile layout only; the wide layout dequantises rows
+    "LAYOUT": (0, 1, 2, 3),
 }
 TILE_KEYS = ("H_BLOCK", "N_BLOCK", "num_warps", "num_stages")
 
 
 def auto_tile(kv_dtype: str, heads: int, queries: int) -> dict[str, int]:
-    """Tile shape by problem, the fastest candidates of the H100 sweep
+    """Tile shape and layout by problem, the fastest candidates of the H100 sweep
     (benchmarks/results/sparse_mla_decode_h100.md): 16-head groups (mma.sync, no spills)
     for few (query, head) rows, 64-head groups (wgmma, some register spills) for many;
     with fp8 KV the 64-head groups win earlier, as the dequantisation of each gathered
     tile is then shared by four times as many heads."""
+    tiles = {"LAYOUT": LAYOUT_TILES}
     if kv_dtype == "fp8":
         if heads <= 16:
-            return {"H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 3}
+            return {**tiles, "H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 3}
         if queries * heads >= 512:
-            return {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2}
-        return {"H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3}
+            return {**tiles, "H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2}
+        return {**tiles, "H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3}
     if heads > 16 and queries * heads >= 8192:
-        return {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2}
-    return {"H_BLOCK": 16, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3}
+        return {**tiles, "H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2}
+    return {**tiles, "H_BLOCK": 16, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3}
 
 
 def triton_shape_reason(d_qk: int, d_v: int, kv_dtype: str) -> str:

@@ -27,7 +27,15 @@ import triton
 import triton.language as tl
 
 from kernmux.dispatch.outputs import empty_output
-from kernmux.kernels.sparse_mla_decode.config import DEFAULT_CONFIG, TILE_KEYS, auto_tile
+from kernmux.kernels.sparse_mla_decode.config import (
+    DEFAULT_CONFIG,
+    LAYOUT_SPLIT_S,
+    LAYOUT_TILES,
+    LAYOUT_WIDE,
+    TILE_KEYS,
+    WIDE_TILE,
+    auto_tile,
+)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -71,15 +79,33 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i):
+    """One online-softmax step over scores s [H, N] (base 2, -inf where invalid):
+    (new max, rescale of the old sums, probabilities, new sums)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A head that has seen no valid slot yet keeps m = -inf: shift by 0 instead.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _attend(
     acc0, acc1, acc2, acc3, m_i, l_i,
     q0, q1, q2, q3, q_pe, q_unscale,
-    kv_ptr, idx_ptr, start, end, block_size, stride_blk, stride_tok, qk_scale,
+    kv_ptr, idx_ptr, start, end, block_size, stride_blk, stride_tok, qk_scale, taken,
     IS_FP8: tl.constexpr, D_V: tl.constexpr, D_PE: tl.constexpr, PE_OFF: tl.constexpr,
     N_BLOCK: tl.constexpr, UPCAST: tl.constexpr, FP8_MODE: tl.constexpr,
+    PE_TILE: tl.constexpr, SPLIT_S: tl.constexpr,
 ):
     """Online softmax over slots idx_ptr[start:end] of one cache (one scope).
-    fp8 rows: latent tiles in e4m3 with one fp32 scale each at byte D_V + 4 t."""
+    fp8 rows: latent tiles in e4m3 with one fp32 scale each at byte D_V + 4 t.
+    SPLIT_S: the softmax runs inside ``if taken > 0`` (taken is always > 0). The branch
+    hides from Triton's layout choice that S feeds the second dot (it follows uses, not
+    the results of an scf.if), so with 64 heads on two warpgroups S is split by slots
+    ([4, 2] warps, each row block of S computed once) instead of computed by both
+    warpgroups ([8, 1] warps over 64 rows: every S twice)."""
     DT: tl.constexpr = D_V // 4
     for n0 in range(start, end, N_BLOCK):
         offs_n = n0 + tl.arange(0, N_BLOCK)
@@ -103,6 +129,12 @@ def _attend(
             s += _dot(q2, tl.trans(k2), tl.zeros_like(s), UPCAST) * sc2[None, :]
             s += _dot(q3, tl.trans(k3), tl.zeros_like(s), UPCAST) * sc3[None, :]
             s = s * q_unscale  # fp16 q was pre-scaled by a power of two
+        elif SPLIT_S:
+            # Scaled and summed, not chained through the accumulator: a dot whose result
+            # reaches another dot gets the [num_warps, 1] layout (see SPLIT_S above), and
+            # a plain sum of dots is folded back into a chain by the compiler.
+            s = _dot(q0, tl.trans(k0), tl.zeros_like(s), UPCAST) * qk_scale + _dot(q1, tl.trans(k1), tl.zeros_like(s), UPCAST) * qk_scale
+            s += _dot(q2, tl.trans(k2), tl.zeros_like(s), UPCAST) * qk_scale + _dot(q3, tl.trans(k3), tl.zeros_like(s), UPCAST) * qk_scale
         else:
             s = _dot(q0, tl.trans(k0), s, UPCAST)
             s = _dot(q1, tl.trans(k1), s, UPCAST)
@@ -113,16 +145,22 @@ def _attend(
             # every gather of the step shares one layout: the slot load then stays a single
             # load the pipeliner can issue ahead of the row loads.
             pe_ptr = (row_ptr + PE_OFF).to(tl.pointer_type(tl.bfloat16))
-            pe_cols = tl.arange(0, DT)
+            pe_cols = tl.arange(0, PE_TILE)
             k_pe = tl.load(pe_ptr[:, None] + pe_cols[None, :], mask=valid[:, None] & (pe_cols[None, :] < D_PE), other=0.0)
-            s = _dot(q_pe, tl.trans(k_pe), s, UPCAST)
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A head that has seen no valid slot yet keeps m = -inf: shift by 0 instead.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+            if SPLIT_S and not (IS_FP8 and FP8_MODE != 0):
+                s += _dot(q_pe, tl.trans(k_pe), tl.zeros_like(s), UPCAST) * qk_scale
+            else:
+                s = _dot(q_pe, tl.trans(k_pe), s, UPCAST)
+        if not SPLIT_S or (IS_FP8 and FP8_MODE != 0):
+            s = s * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        if SPLIT_S:
+            if taken > 0:
+                m_new, alpha, p, l_i = _softmax_step(s, m_i, l_i)
+            else:
+                m_new, alpha, p = m_i, tl.full(l_i.shape, 1.0, tl.float32), tl.zeros_like(s)  # no slots: a no-op step
+        else:
+            m_new, alpha, p, l_i = _softmax_step(s, m_i, l_i)
         if IS_FP8 and FP8_MODE != 0:
             # O_t += (P * scale_t) @ fp8_t: the V scale of row n folded into column n of P.
             acc0 = _dot((p * sc0[None, :]).to(k0.dtype), k0, acc0 * alpha[:, None], UPCAST)
@@ -163,6 +201,7 @@ def _sparse_mla_decode_kernel(
     IS_FP8: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_SINK: tl.constexpr, FINAL: tl.constexpr,
     D_V: tl.constexpr, D_PE: tl.constexpr, PE_OFF: tl.constexpr,
     H_BLOCK: tl.constexpr, N_BLOCK: tl.constexpr, UPCAST: tl.constexpr, FP8_MODE: tl.constexpr,
+    PE_TILE: tl.constexpr, SPLIT_S: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_q = tl.program_id(1)
@@ -180,7 +219,8 @@ def _sparse_mla_decode_kernel(
     q2 = tl.load(q_row + 2 * DT + offs_t[None, :], mask=h_mask[:, None], other=0.0)
     q3 = tl.load(q_row + 3 * DT + offs_t[None, :], mask=h_mask[:, None], other=0.0)
     if D_PE > 0:
-        q_pe = tl.load(q_row + D_V + offs_t[None, :], mask=h_mask[:, None] & (offs_t[None, :] < D_PE), other=0.0)
+        offs_pe = tl.arange(0, PE_TILE)
+        q_pe = tl.load(q_row + D_V + offs_pe[None, :], mask=h_mask[:, None] & (offs_pe[None, :] < D_PE), other=0.0)
     else:
         q_pe = q0  # unused
     q_unscale = 1.0
@@ -210,8 +250,8 @@ def _sparse_mla_decode_kernel(
     idx_row = idx_ptr + b.to(tl.int64) * stride_ib + t * stride_is
     acc0, acc1, acc2, acc3, m_i, l_i = _attend(
         acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_pe, q_unscale,
-        kv_ptr, idx_row, lo, hi, block_size, stride_blk, stride_tok, qk_scale,
-        IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST, FP8_MODE,
+        kv_ptr, idx_row, lo, hi, block_size, stride_blk, stride_tok, qk_scale, heads,
+        IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST, FP8_MODE, PE_TILE, SPLIT_S,
     )
     if HAS_EXTRA:
         lo = (split * blocks_b) // splits * N_BLOCK
@@ -219,8 +259,8 @@ def _sparse_mla_decode_kernel(
         xidx_row = xidx_ptr + b.to(tl.int64) * stride_xb + t * stride_xs
         acc0, acc1, acc2, acc3, m_i, l_i = _attend(
             acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_pe, q_unscale,
-            xkv_ptr, xidx_row, lo, hi, xblock_size, stride_xblk, stride_xtok, qk_scale,
-            IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST, FP8_MODE,
+            xkv_ptr, xidx_row, lo, hi, xblock_size, stride_xblk, stride_xtok, qk_scale, heads,
+            IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST, FP8_MODE, PE_TILE, SPLIT_S,
         )
 
     # l = 0: no valid slot in this share (or at all); the max() only keeps 1/0 and log(0)
@@ -297,14 +337,26 @@ def resolve_config(
 ) -> dict[str, int]:
     """Fill the automatic (0) entries of a config for this problem."""
     cfg = {**DEFAULT_CONFIG, **(config or {})}
+    two_groups = cfg["LAYOUT"] in (LAYOUT_WIDE, LAYOUT_SPLIT_S)
     tile = auto_tile(kv_dtype, heads, queries)
+    if two_groups:  # these layouts are defined for 64 heads on 8 warps
+        tile = {**tile, **WIDE_TILE}
+        cfg["H_BLOCK"], cfg["num_warps"] = WIDE_TILE["H_BLOCK"], WIDE_TILE["num_warps"]
     for key in TILE_KEYS:
         if not cfg[key]:
             cfg[key] = tile[key]
+    if not cfg["LAYOUT"]:
+        same = all(cfg[k] == tile[k] for k in ("H_BLOCK", "num_warps"))
+        cfg["LAYOUT"] = tile["LAYOUT"] if same else LAYOUT_TILES
     blocks_a = triton.cdiv(topk, cfg["N_BLOCK"])
     if not cfg["SPLITS"]:
         programs = queries * triton.cdiv(heads, cfg["H_BLOCK"])
-        cfg["SPLITS"] = max(1, min(64, triton.cdiv(_units(device), programs)))
+        if cfg["LAYOUT"] == LAYOUT_WIDE:
+            # One program per SM (shared memory): a second, mostly idle wave costs more
+            # than a few idle SMs in one.
+            cfg["SPLITS"] = max(1, min(64, _units(device) // programs))
+        else:
+            cfg["SPLITS"] = max(1, min(64, triton.cdiv(_units(device), programs)))
     # Every split gets at least one block of the main scope.
     cfg["SPLITS"] = max(1, min(cfg["SPLITS"], blocks_a))
     return cfg
@@ -363,17 +415,30 @@ def sparse_mla_decode_triton(
     pe_off = d_v + 4 * (d_v // 128) if is_fp8 else d_v
 
     grid = (triton.cdiv(heads, h_block), queries, splits)
-    _sparse_mla_decode_kernel[grid](
+    args = (
         q, q.stride(0), q.stride(1), q.stride(2),
         kv, indices, indices.stride(0), indices.stride(1), topk, bs, sb, st,
         xkv, xidx, xidx.stride(0), xidx.stride(1), xtopk, xbs, xsb, xst,
         sink, o, lse, part_o, part_lse,
         heads, s_q, float(sm_scale) * LOG2E, blocks_a, blocks_b, splits,
+    )
+    common = dict(
         IS_FP8=is_fp8, HAS_EXTRA=has_extra, HAS_SINK=attn_sink is not None, FINAL=final,
         D_V=d_v, D_PE=d_pe, PE_OFF=pe_off, H_BLOCK=h_block, N_BLOCK=n_block,
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", FP8_MODE=int(cfg["FP8_MODE"]) if is_fp8 else 0,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if cfg["LAYOUT"] == LAYOUT_WIDE:
+        from kernmux.kernels.sparse_mla_decode.triton_wide import _sparse_mla_decode_wide_kernel
+
+        _sparse_mla_decode_wide_kernel[grid](*args, **common)
+    else:
+        split_s = cfg["LAYOUT"] == LAYOUT_SPLIT_S
+        _sparse_mla_decode_kernel[grid](
+            *args, **common, FP8_MODE=int(cfg["FP8_MODE"]) if is_fp8 else 0,
+            # Split S: the rope tail as its own d_pe-wide tile (the 64-head body is laid
+            # out per dot anyway); otherwise as wide as the latent tiles (one gather layout).
+            PE_TILE=max(d_pe, 16) if split_s else d_v // 4, SPLIT_S=split_s,
+        )
     if not final:
         combine_heads = 4
         _combine_kernel[(triton.cdiv(heads, combine_heads), queries)](
