@@ -47,8 +47,12 @@ _MANY_HEADS = [
     {},
     {"H_BLOCK": 16, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3},
     {"H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3},
-    {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2},
-    {"H_BLOCK": 64, "N_BLOCK": 16, "num_warps": 8, "num_stages": 3},
+    {"LAYOUT": 1, "H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2},
+    # Two-warpgroup layouts (64 heads, S split by slots between the warpgroups).
+    {"LAYOUT": 2},
+    {"LAYOUT": 2, "num_stages": 2},
+    {"LAYOUT": 2, "N_BLOCK": 16, "num_stages": 4},
+    {"LAYOUT": 3},
 ]
 _FP8_SMALL_HEADS = [
     {},
@@ -58,10 +62,20 @@ _FP8_SMALL_HEADS = [
 ]
 _FP8_MANY_HEADS = [
     {},
-    {"H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3, "FP8_MODE": 2},
-    {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2},
-    {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2, "FP8_MODE": 2},
+    {"H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3},
+    {"LAYOUT": 1, "H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2},
     {"H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 2},
+    {"LAYOUT": 2},
+    {"LAYOUT": 2, "num_stages": 2},
+    {"LAYOUT": 2, "N_BLOCK": 16, "num_stages": 4},
+    {"LAYOUT": 3},
+]
+# Configs whose layouts the default parity grid (automatic tiles at batch 4) does not
+# reach: each runs the whole parity grid too, before any timing.
+PARITY_CONFIGS = [
+    {"LAYOUT": 2},
+    {"LAYOUT": 2, "N_BLOCK": 16, "num_stages": 4, "SPLITS": 3},
+    {"LAYOUT": 3},
 ]
 
 
@@ -242,6 +256,28 @@ def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_
     return rows
 
 
+def compile_report() -> list[dict[str, Any]]:
+    """Registers, spills and shared memory of every main-kernel variant this process
+    loaded (the timed ones), from Triton's compiled-kernel objects."""
+    from kernmux.kernels.sparse_mla_decode import triton as tiles
+    from kernmux.kernels.sparse_mla_decode import triton_wide as wide
+
+    out: list[dict[str, Any]] = []
+    for name, fn in (("tiles", tiles._sparse_mla_decode_kernel), ("wide", wide._sparse_mla_decode_wide_kernel)):
+        for caches in getattr(fn, "device_caches", {}).values():
+            for key, kernel in caches[0].items():
+                try:
+                    kernel._init_handles()
+                    md = kernel.metadata
+                    out.append({
+                        "kernel": name, "num_warps": md.num_warps, "num_stages": md.num_stages, "shared": md.shared,
+                        "n_regs": kernel.n_regs, "n_spills": kernel.n_spills, "key": str(key)[:1500],
+                    })
+                except Exception as e:  # a report, never a failure of the run
+                    out.append({"kernel": name, "error": f"{type(e).__name__}: {e}"[:300]})
+    return out
+
+
 def _pick(rows: list[dict], feats: dict, kernel: str, mode: str) -> dict | None:
     timed = [r for r in rows if r["features"] == feats and r["kernel"] == kernel and r["mode"] == mode and r["p50_us"]]
     return min(timed, key=lambda r: r["p50_us"]) if timed else None
@@ -265,7 +301,8 @@ def _line(rows: list[dict], feats: dict) -> str:
 def _cfg_text(cfg: dict, feats: dict) -> str:
     keys = ("H_BLOCK", "N_BLOCK", "SPLITS", "num_warps", "num_stages")
     text = "/".join(str(cfg[k]) for k in keys)
-    if feats["kv_dtype"] == "fp8":
+    text += {2: " wide", 3: " split-S"}.get(cfg.get("LAYOUT"), "")
+    if feats["kv_dtype"] == "fp8" and cfg.get("LAYOUT") != 2:
         text += {0: " dequant-rows", 1: " bf16-fold", 2: " f16-fold"}.get(cfg.get("FP8_MODE"), "")
     return text
 
@@ -350,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = {**REGISTRY.op(OP).default_features(args.device), "batch": args.parity_batch, "topk": args.topk}
     parity_grid = parity_mod.labelled_seed_grid(base, args.extra_topk) + parity_mod.extended_grid(base, args.extra_topk)
-    jobs += [({**f, "batch": 2}, resolved(f, {})) for _, f in parity_grid]
+    jobs += [({**f, "batch": 2}, resolved(f, c)) for _, f in parity_grid for c in [{}] + PARITY_CONFIGS]
     errors = precompile(jobs, args.workers) if args.device == "cuda" else {}
     for key, err in list(errors.items())[:10]:
         print("compile failed:", key, err)
@@ -367,7 +404,25 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(args.out, "sparse_mla_decode_parity.json"), "w") as f:
             json.dump(parity, f, indent=1, default=str)
         print(table, flush=True)
-        print(f"parity {'PASS' if out['passed'] else 'FAIL'} after {time.time() - t0:.0f} s", flush=True)
+        extra_rows = []
+        for cfg in PARITY_CONFIGS:
+            extra_rows += [
+                {**asdict(r), "config": cfg}
+                for r in parity_mod.parity_rows(parity_grid, ["triton"], seed=100, configs={"triton": cfg})
+            ]
+        extra_ok = all(r["status"] == "pass" for r in extra_rows)
+        parity["config_rows"] = extra_rows
+        parity["passed"] = bool(out["passed"] and extra_ok)
+        lines = ["| config | layout config | cosine min / mean / max | result |", "|---|---|---|---|"]
+        for r in extra_rows:
+            result = "PASS" if r["status"] == "pass" else f"{r['status'].upper()} {r['detail']}"
+            lines.append(f"| {r['label']} | {json.dumps(r['config'])} | {r['cos_min'] or 0:.6f} / {r['cos_mean'] or 0:.6f} / {r['cos_max'] or 0:.6f} | {result} |")
+        with open(os.path.join(args.out, "sparse_mla_decode_parity.md"), "a") as f:
+            f.write("\n## Layouts outside the automatic choice at batch 4 (triton)\n\n" + "\n".join(lines) + f"\n\n**{'PASS' if extra_ok else 'FAIL'}**\n")
+        with open(os.path.join(args.out, "sparse_mla_decode_parity.json"), "w") as f:
+            json.dump(parity, f, indent=1, default=str)
+        print("\n".join(lines), flush=True)
+        print(f"parity {'PASS' if parity['passed'] else 'FAIL'} after {time.time() - t0:.0f} s", flush=True)
 
     rows: list[dict] = []
     try:
@@ -377,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         with open(os.path.join(args.out, "sparse_mla_decode_h100.json"), "w") as f:
             json.dump(rows, f, indent=1, default=str)
+        if args.device == "cuda":
+            try:
+                with open(os.path.join(args.out, "sparse_mla_decode_compile_h100.json"), "w") as f:
+                    json.dump(compile_report(), f, indent=1, default=str)
+            except Exception:
+                traceback.print_exc()
         if rows:
             md = summary_markdown(rows, parity, shapes)
             with open(os.path.join(args.out, "sparse_mla_decode_h100.md"), "w") as f:
