@@ -24,9 +24,13 @@ def _poisoning() -> bool:
 def empty_output(
     shape: Sequence[int], dtype: torch.dtype, device: torch.device | str
 ) -> torch.Tensor:
-    """``torch.empty`` that is poisoned (NaN / int min) while verification runs."""
-    out = torch.empty(tuple(shape), dtype=dtype, device=device)
-    if _poisoning():
+    """``torch.empty`` that is poisoned (NaN / int min) while verification runs.
+
+    On every kernel call, so the common case costs one ``torch.empty`` and one
+    thread-local attribute read (no helper call, no tuple copy of a tuple shape).
+    """
+    out = torch.empty(shape if type(shape) is tuple else tuple(shape), dtype=dtype, device=device)
+    if getattr(_state, "poison", False):
         if dtype.is_floating_point:
             out.fill_(float("nan"))
         elif dtype == torch.bool:

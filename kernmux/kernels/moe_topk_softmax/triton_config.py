@@ -64,3 +64,14 @@ def heuristic_config(tokens: int, experts: int) -> dict[str, Any]:
     rows = min(max(1, min(4, 256 // width)), next_power_of_two(max(tokens, 1)))
     bitonic = (width <= 256 and tokens <= 128) or (width <= 128 and tokens <= 1024)
     return {"rows": rows, "num_warps": 1, "select": "bitonic" if bitonic else "twopass"}
+
+
+def heuristic_tokens_class(tokens: int) -> int:
+    """What :func:`heuristic_config` sees of ``tokens``: ceil(log2(tokens)), capped at 11.
+
+    Its thresholds (rows up to 4, bitonic up to 128 or 1024 tokens) are powers of two,
+    so two token counts with the same class get the same config; the launcher caches
+    launch parameters per class instead of per token count. Keep in step with
+    :func:`heuristic_config` when a threshold changes.
+    """
+    return min((max(tokens, 1) - 1).bit_length(), 11)
