@@ -41,8 +41,11 @@ from kernmux.tuning_db.timing import environment_row, measure  # noqa: E402
 COPY_CEILING_TBS = 2.96  # H100 device-to-device copy, notes/performance.md
 MATMUL_CEILING_TFLOPS = 699.0  # bf16 8192^3, same source
 
-def _cfg(block_n, warps, stages, mma="kh", tiles=0, prefetch=0, dot="bf16"):
-    return {"BLOCK_N": block_n, "TILES": tiles, "num_warps": warps, "num_stages": stages, "dot": dot, "mma": mma, "prefetch": prefetch}
+def _cfg(block_n, warps, stages, mma="kh", tiles=0, prefetch=0, dot="bf16", joint=0):
+    cfg = {"BLOCK_N": block_n, "TILES": tiles, "num_warps": warps, "num_stages": stages, "dot": dot, "mma": mma, "prefetch": prefetch}
+    if joint:  # both next_n queries in one MMA (launcher key, not yet in the registered space)
+        cfg["joint"] = 1
+    return cfg
 
 
 # Configs timed at every shape (the first was the registered default during the second
@@ -65,6 +68,27 @@ TIMED_CONFIGS = [
 # Non-default configs that also run the (reduced) parity grid.
 PARITY_ALTERNATES = [TIMED_CONFIGS[1], TIMED_CONFIGS[8]]
 
+# --focus: the goal shape only (B=256, context 8192). The best configs of the second run
+# again (same-run baseline), neighbours of the next_n=1 best, and the joint-MMA variant
+# for next_n=2 (skipped at next_n=1, where it is the same kernel).
+FOCUS_CONFIGS = [
+    _cfg(128, 8, 3, tiles=32),
+    _cfg(128, 4, 2, prefetch=1),
+    _cfg(128, 8, 3),
+    _cfg(128, 8, 4, tiles=32),
+    _cfg(128, 8, 2, tiles=32),
+    _cfg(128, 8, 3, tiles=16),
+    _cfg(128, 8, 1, prefetch=1, tiles=32),
+    _cfg(128, 8, 3, joint=1),
+    _cfg(128, 8, 3, tiles=32, joint=1),
+    _cfg(128, 8, 1, prefetch=1, joint=1),
+    _cfg(128, 8, 2, prefetch=1, joint=1),
+    _cfg(128, 4, 2, prefetch=1, joint=1),
+    _cfg(64, 4, 3, joint=1),
+    _cfg(64, 8, 3, joint=1),
+]
+FOCUS_PARITY = [FOCUS_CONFIGS[9], FOCUS_CONFIGS[11], FOCUS_CONFIGS[12]]
+
 
 def config_name(config: dict) -> str:
     name = f"N{config['BLOCK_N']}-w{config['num_warps']}-s{config['num_stages']}-{config['dot']}-{config['mma']}"
@@ -72,6 +96,8 @@ def config_name(config: dict) -> str:
         name += f"-t{config['TILES']}"
     if config.get("prefetch"):
         name += "-pf"
+    if config.get("joint"):
+        name += "-joint"
     return name
 
 
@@ -149,10 +175,12 @@ def bench_inputs(batch: int, next_n: int, heads: int, head_dim: int, context: in
     return (q, k_cache, k_scale, weights, lens, table, context)
 
 
-def timing_rows(device: str, smoke: bool, deadline: float) -> list[dict]:
+def timing_rows(device: str, smoke: bool, deadline: float, focus: bool = False) -> list[dict]:
     op = REGISTRY.ops[OP]
     # The goal shape first, so a cut by the time budget leaves the shapes that matter.
     shapes = [(4, 256), (1, 256)] if smoke else [(256, 8192), (256, 4096), (64, 8192), (64, 4096), (1, 8192), (1, 4096)]
+    if focus:
+        shapes = shapes[:1]
     heads, head_dim, block_size = (16, 64, 16) if smoke else (64, 128, 64)
     timing = dict(warmup_ms=10.0, rep_ms=60.0) if not smoke else dict(warmup_ms=0.0, rep_ms=0.0, min_reps=1, max_reps=1)
     rows = []
@@ -169,6 +197,8 @@ def timing_rows(device: str, smoke: bool, deadline: float) -> list[dict]:
         torch_us = t.p50_us
         rows.append({**base, "kernel": "torch", "config": {}, "status": "ok", **t.as_dict(), **_rates(roof, t.p50_us)})
         for config in TIMED_CONFIGS:
+            if config.get("joint") and next_n == 1:
+                continue
             row = {**base, "kernel": "triton", "config": config, "config_name": config_name(config)}
             if time.time() > deadline:
                 rows.append({**row, "status": "skipped", "detail": "time budget"})
@@ -309,12 +339,17 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=110.0, help="stop starting new timings after this many seconds")
     parser.add_argument("--render", metavar="JSON", help="only re-render the markdown summary of a results file")
     parser.add_argument("--note", default="", help="a paragraph placed under the markdown title (with --render)")
+    parser.add_argument("--focus", action="store_true",
+                        help="goal shape only, FOCUS_CONFIGS timed, their joint-MMA configs on the parity grid")
     args = parser.parse_args()
+    if args.focus:
+        global TIMED_CONFIGS, PARITY_ALTERNATES
+        TIMED_CONFIGS, PARITY_ALTERNATES = FOCUS_CONFIGS, FOCUS_PARITY
     if args.render:
         return render(Path(args.render), args.note)
     start = time.time()
     device = "cpu" if args.smoke else "cuda"
-    tag = args.tag or ("smoke" if args.smoke else "h100")
+    tag = args.tag or ("smoke" if args.smoke else "h100") + ("_focus" if args.focus else "")
     env = environment_row()
     print(f"environment: {env}", flush=True)
 
@@ -324,8 +359,8 @@ def main() -> int:
         if r["status"] != "pass":
             print("  ", r["status"], r["features"], r["config"], r.get("detail", ""), flush=True)
 
-    timings = timing_rows(device, args.smoke, start + args.budget_s)
-    command = "PYTHONPATH=. python3 benchmarks/indexer_logits.py" + (" --smoke" if args.smoke else "")
+    timings = timing_rows(device, args.smoke, start + args.budget_s, args.focus)
+    command = "PYTHONPATH=. python3 benchmarks/indexer_logits.py" + (" --smoke" if args.smoke else "") + (" --focus" if args.focus else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [{**env, **r} for r in parity + timings]

@@ -59,6 +59,18 @@ def _logits_of_query(q, w, k, scale, KEYS_FIRST: tl.constexpr):
     return logits
 
 
+@triton.jit
+def _logits_of_pair(qj, wj, first, k, scale):
+    """Both next_n queries from one keys x (2 x heads) MMA: qj is [D, 2 * HP] (query 0's
+    heads, then query 1's), wj [2 * HP] their weights, ``first`` marks query 0's columns.
+    One N = 2 * HP MMA instead of two of N = HP; the head sums stay within a warp."""
+    s = tl.dot(k, qj)  # [BLOCK_N, 2 * HP] fp32
+    s = tl.maximum(s * scale[:, None], 0.0) * wj[None, :]
+    l0 = tl.sum(tl.where(first[None, :], s, 0.0), axis=1)
+    l1 = tl.sum(tl.where(first[None, :], 0.0, s), axis=1)
+    return l0, l1
+
+
 # Sizes and the table/output row strides change with every batch shape; specialising on
 # them (divisibility by 16, == 1) would recompile per shape for no gain in this kernel.
 @triton.jit(do_not_specialize=["heads", "max_context", "max_blocks", "tiles_per_prog", "stride_tb", "stride_or"])
@@ -79,6 +91,7 @@ def _indexer_logits_kernel(
     OPERAND: tl.constexpr,  # 0: fp8 as loaded, 1: bf16, 2: fp32 (tf32 MMA)
     KEYS_FIRST: tl.constexpr,
     PREFETCH: tl.constexpr,
+    JOINT: tl.constexpr,  # next_n == 2 and keys x heads only: both queries in one MMA
 ):
     b = tl.program_id(0)
     span = tl.program_id(1)
@@ -103,6 +116,19 @@ def _indexer_logits_kernel(
         q0 = q0.to(tl.float32)
     if KEYS_FIRST:
         q0 = tl.trans(q0)
+    if JOINT:
+        offs_r = tl.arange(0, 2 * HP)
+        r_head = offs_r % HP
+        r_query = offs_r // HP
+        rmask = r_head < heads
+        qj = tl.load(q_ptr + b.to(tl.int64) * stride_qb + r_query[:, None] * stride_qn + r_head[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=rmask[:, None], other=0.0)
+        wj = tl.load(w_row0 + r_query * stride_wr + r_head * stride_wh, mask=rmask, other=0.0)
+        first_cols = r_query == 0
+        if OPERAND == 1:
+            qj = qj.to(tl.bfloat16)
+        elif OPERAND == 2:
+            qj = qj.to(tl.float32)
+        qj = tl.trans(qj)
     if NEXT_N == 2:
         q1 = tl.load(q_rows + stride_qn, mask=hmask[:, None], other=0.0)
         w1 = tl.load(w_row0 + stride_wr + offs_h * stride_wh, mask=hmask, other=0.0)
@@ -135,11 +161,15 @@ def _indexer_logits_kernel(
             k = k.to(tl.float32)
         out_mask = pos < max_context
 
-        l0 = _logits_of_query(q0, w0, k, scale, KEYS_FIRST)
+        if JOINT:
+            l0, l1 = _logits_of_pair(qj, wj, first_cols, k, scale)
+        else:
+            l0 = _logits_of_query(q0, w0, k, scale, KEYS_FIRST)
         l0 = tl.where(kv_mask & (pos <= ctx - NEXT_N), l0, float("-inf"))
         tl.store(out_row0 + pos, l0, mask=out_mask)
         if NEXT_N == 2:
-            l1 = _logits_of_query(q1, w1, k, scale, KEYS_FIRST)
+            if not JOINT:
+                l1 = _logits_of_query(q1, w1, k, scale, KEYS_FIRST)
             l1 = tl.where(kv_mask & (pos <= ctx - 1), l1, float("-inf"))
             tl.store(out_row0 + stride_or + pos, l1, mask=out_mask)
 
@@ -201,7 +231,8 @@ def indexer_logits_triton(
 ) -> torch.Tensor:
     """Launcher: grid ``(B, spans)``; config keys BLOCK_N, TILES (0 = auto), num_warps,
     num_stages, dot ("bf16" | "fp8" | "tf32"), mma ("hk": heads x keys, "kh": keys x
-    heads), prefetch (0/1: load the next tile while computing this one). Shapes as in the reference; any strides (a unit
+    heads), prefetch (0/1: load the next tile while computing this one), joint (0/1, with
+    next_n = 2 and "kh": both queries in one MMA of 2 x HP columns). Shapes as in the reference; any strides (a unit
     stride in the head dimension, which Triton specialises on, gives vector loads)."""
     batch, next_n, heads, head_dim = q.shape
     if next_n not in (1, 2) or head_dim not in (64, 128) or not 1 <= heads <= 128:
@@ -228,6 +259,7 @@ def indexer_logits_triton(
         OPERAND=_operand(config.get("dot", "bf16")),
         KEYS_FIRST=config.get("mma", "hk") == "kh",
         PREFETCH=bool(config.get("prefetch", 0)),
+        JOINT=next_n == 2 and config.get("mma", "hk") == "kh" and bool(config.get("joint", 0)),
         num_warps=int(config["num_warps"]),
         num_stages=int(config["num_stages"]),
     )
