@@ -389,7 +389,7 @@ def main() -> int:
     parser.add_argument("--skip-parity", action="store_true")
     args = parser.parse_args()
     try:
-        import platformdirs  # noqa: F401
+        import platformdirs  # noqa: F401  (the default tuning-database path needs it)
     except ImportError:  # no tuning database on the GPU image: rules and priorities only
         os.environ.setdefault("KERNMUX_DB", "sqlite:////tmp/kernmux-bench-absent.sqlite")
     os.makedirs(args.out, exist_ok=True)
