@@ -46,12 +46,14 @@ _SMALL_HEADS = [
 _MANY_HEADS = [
     {},
     {"H_BLOCK": 16, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3},
-    {"H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3},
     {"LAYOUT": 1, "H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2},
-    # Two-warpgroup layouts (64 heads, S split by slots between the warpgroups).
+    # Two-warpgroup layouts (64 heads, S split by slots between the warpgroups), with
+    # deeper row pipelines (num_stages 5: three row buffers) and L2 prefetch of rows ahead.
     {"LAYOUT": 2},
-    {"LAYOUT": 2, "num_stages": 2},
-    {"LAYOUT": 2, "N_BLOCK": 16, "num_stages": 4},
+    {"LAYOUT": 2, "num_stages": 5},
+    {"LAYOUT": 2, "PREFETCH": 2},
+    {"LAYOUT": 2, "PREFETCH": 4},
+    {"LAYOUT": 2, "num_stages": 5, "PREFETCH": 2},
     {"LAYOUT": 3},
 ]
 _FP8_SMALL_HEADS = [
@@ -64,25 +66,34 @@ _FP8_MANY_HEADS = [
     {},
     {"H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3},
     {"LAYOUT": 1, "H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2},
-    {"H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 2},
     {"LAYOUT": 2},
-    {"LAYOUT": 2, "num_stages": 2},
-    {"LAYOUT": 2, "N_BLOCK": 16, "num_stages": 4},
-    {"LAYOUT": 3},
+    {"LAYOUT": 2, "num_stages": 5},
+    {"LAYOUT": 2, "PREFETCH": 2},
+    {"LAYOUT": 2, "PREFETCH": 4},
+    {"LAYOUT": 2, "num_stages": 5, "PREFETCH": 2},
 ]
 # Configs whose layouts the default parity grid (automatic tiles at batch 4) does not
 # reach: each runs the whole parity grid too, before any timing.
 PARITY_CONFIGS = [
     {"LAYOUT": 2},
+    {"LAYOUT": 2, "num_stages": 5, "PREFETCH": 2},
     {"LAYOUT": 2, "N_BLOCK": 16, "num_stages": 4, "SPLITS": 3},
     {"LAYOUT": 3},
 ]
 
 
+H100_SMS = 132
+
+
 def candidates(feats: dict[str, Any]) -> list[dict[str, int]]:
-    if feats["kv_dtype"] == "fp8":
-        return _FP8_SMALL_HEADS if feats["heads"] <= 16 else _FP8_MANY_HEADS
-    return _SMALL_HEADS if feats["heads"] <= 16 else _MANY_HEADS
+    if feats["heads"] <= 16:
+        return _FP8_SMALL_HEADS if feats["kv_dtype"] == "fp8" else _SMALL_HEADS
+    many = _FP8_MANY_HEADS if feats["kv_dtype"] == "fp8" else _MANY_HEADS
+    # The wide layout's automatic split count fills the SMs once without a second wave;
+    # also time the next larger count (two waves of half the work, plus the combine).
+    programs = feats["batch"] * feats["qlen"] * -(-feats["heads"] // 64)
+    more = -(-H100_SMS // programs)
+    return many + [{"LAYOUT": 2, "SPLITS": min(64, more)}] if more != max(1, H100_SMS // programs) else many
 
 
 def features(batch: int, heads: int, topk: int, extra: int, kv_dtype: str, device: str) -> dict[str, Any]:
@@ -256,6 +267,49 @@ def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_
     return rows
 
 
+def hot_probe(shapes: list[dict[str, Any]], rep_ms: float) -> list[dict[str, Any]]:
+    """Diagnosis, not a result: the same calls with every index drawn from 256 rows that
+    stay in L2, so the time is the kernel's work without the HBM gather (graph replay)."""
+    import torch
+
+    from kernmux.kernels.sparse_mla_decode.triton import sparse_mla_decode_triton
+
+    rows = []
+    for feats in shapes:
+        sets = []
+        for i in range(8):
+            (q, kv, idx, scale, d_v), kw = _one_set(feats, 1 + i)
+            pool = idx.flatten()[:256]
+            idx = pool[torch.randint(0, 256, idx.shape, device=idx.device)]
+            if kw.get("extra_indices") is not None:
+                kw = {**kw, "extra_indices": pool[torch.randint(0, 256, kw["extra_indices"].shape, device=idx.device)]}
+                kw["extra_kv_cache"] = kv
+            sets.append(((q, kv, idx, scale, d_v), kw))
+        for cand in candidates(feats):
+            cfg = resolved(feats, cand)
+            if cfg.get("LAYOUT") not in (2, 3) and cand:
+                continue
+
+            def fn(a, k, cfg=cfg):
+                return sparse_mla_decode_triton(*a, **k, config=cfg)
+
+            try:
+                t = _timed(fn, sets, "cuda", rep_ms, True)
+                rows.append({"features": feats, "kernel": "triton", "config": cfg, "mode": "graph-hot", "p50_us": t.p50_us})
+                print(f"hot {feats['kv_dtype']} B={feats['batch']} h={feats['heads']} extra={feats['extra_topk']}: {t.p50_us:8.1f} us {cfg}", flush=True)
+            except Exception as e:
+                rows.append({"features": feats, "kernel": "triton", "config": cfg, "mode": "graph-hot", "p50_us": None, "error": f"{type(e).__name__}: {e}"[:300]})
+        sets = None
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _one_set(feats: dict[str, Any], seed: int):
+    from kernmux.kernels.sparse_mla_decode.inputs import build_inputs
+
+    return build_inputs(feats, feats["device"], seed, invalid=False)
+
+
 def compile_report() -> list[dict[str, Any]]:
     """Registers, spills and shared memory of every main-kernel variant this process
     loaded (the timed ones), from Triton's compiled-kernel objects."""
@@ -333,7 +387,7 @@ def summary_markdown(rows: list[dict], parity: dict, shapes: list[dict]) -> str:
     for feats in shapes:
         best, ref = _pick(rows, feats, "triton", "graph"), _pick(rows, feats, "torch", "graph")
         eager, ref_eager = _pick(rows, feats, "triton", "eager"), _pick(rows, feats, "torch", "eager")
-        scope = "2 (+512)" if feats["extra_topk"] else "1"
+        scope = f"2 (+{feats['extra_topk']})" if feats["extra_topk"] else "1"
         if not best:
             lines.append(f"| {feats['kv_dtype']} | {feats['batch']} | {feats['heads']} | {scope} | | | no timing | | | | | | | |")
             continue
@@ -365,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda; cpu only as a dry run under TRITON_INTERPRET=1")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,8,32,128)")
     parser.add_argument("--heads", default=None, help="comma-separated head counts (default: 16,64,128)")
+    parser.add_argument("--kv-dtypes", default="bf16,fp8", help="comma-separated KV dtypes")
+    parser.add_argument("--scopes", default="1,2", help="1: one scope, 2: two scopes (+extra-topk)")
+    parser.add_argument("--hot-probe", action="store_true", help="also time B=128 with L2-resident rows (diagnosis)")
     parser.add_argument("--topk", type=int, default=TOPK)
     parser.add_argument("--extra-topk", type=int, default=EXTRA)
     parser.add_argument("--parity-batch", type=int, default=4)
@@ -380,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else (1, 32) if args.quick else BATCHES
     heads = tuple(int(h) for h in args.heads.split(",")) if args.heads else (16, 64) if args.quick else HEADS
-    shapes = grid(batches, heads, args.topk, args.extra_topk, args.device)
+    shapes = [
+        f for f in grid(batches, heads, args.topk, args.extra_topk, args.device)
+        if f["kv_dtype"] in args.kv_dtypes.split(",") and str(2 if f["extra_topk"] else 1) in args.scopes.split(",")
+    ]
     jobs = [({**f, "batch": 2}, resolved(f, c)) for f in shapes for c in candidates(f)]
     # The parity grid runs the default config: compile those variants too.
     from kernmux.dispatch.registry import REGISTRY
@@ -430,6 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         traceback.print_exc()
     finally:
+        if args.hot_probe and args.device == "cuda":
+            try:
+                hot = [f for f in shapes if f["batch"] == 128 and not f["extra_topk"] and f["heads"] >= 64]
+                rows += hot_probe(hot, args.rep_ms)
+            except Exception:
+                traceback.print_exc()
         with open(os.path.join(args.out, "sparse_mla_decode_h100.json"), "w") as f:
             json.dump(rows, f, indent=1, default=str)
         if args.device == "cuda":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 # 0 = chosen per problem by ``auto_tile`` (H_BLOCK, N_BLOCK, num_warps, num_stages
 # together) or, for SPLITS, enough programs to cover the SMs once.
-DEFAULT_CONFIG: dict[str, int] = {"H_BLOCK": 0, "N_BLOCK": 0, "SPLITS": 0, "num_warps": 0, "num_stages": 0, "FP8_MODE": 0, "LAYOUT": 0}
+DEFAULT_CONFIG: dict[str, int] = {"H_BLOCK": 0, "N_BLOCK": 0, "SPLITS": 0, "num_warps": 0, "num_stages": 0, "FP8_MODE": 0, "LAYOUT": 0, "PREFETCH": 0}
 
 # LAYOUT: which kernel body. TILES: four d_v/4 column tiles per gathered row, any head
 # group (triton.py). WIDE: 64 heads on two warpgroups, one latent tile, S split by slots
@@ -25,6 +25,8 @@ CONFIG_SPACE: dict[str, tuple[int, ...]] = {
     # fp16 operands (native fp8 -> fp16 conversion; q pre-scaled by a power of two).
     "FP8_MODE": (0, 1, 2),  # four-tile layout only; the wide layout dequantises rows
     "LAYOUT": (0, 1, 2, 3),
+    # wide layout: prefetch into L2 the rows this many steps ahead (0 = off)
+    "PREFETCH": (0, 1, 2, 4),
 }
 TILE_KEYS = ("H_BLOCK", "N_BLOCK", "num_warps", "num_stages")
 

@@ -430,7 +430,12 @@ def sparse_mla_decode_triton(
     if cfg["LAYOUT"] == LAYOUT_WIDE:
         from kernmux.kernels.sparse_mla_decode.triton_wide import _sparse_mla_decode_wide_kernel
 
-        _sparse_mla_decode_wide_kernel[grid](*args, **common)
+        row_bytes = pe_off + 2 * d_pe if is_fp8 else 2 * (d_v + d_pe)
+        _sparse_mla_decode_wide_kernel[grid](
+            *args, **common,
+            # L2 prefetch is inline PTX, which the interpreter does not run.
+            PF_DIST=0 if common["UPCAST"] else int(cfg["PREFETCH"]), PF_LINES=triton.next_power_of_2(triton.cdiv(row_bytes, 128)),
+        )
     else:
         split_s = cfg["LAYOUT"] == LAYOUT_SPLIT_S
         _sparse_mla_decode_kernel[grid](
