@@ -68,26 +68,51 @@ TIMED_CONFIGS = [
 # Non-default configs that also run the (reduced) parity grid.
 PARITY_ALTERNATES = [TIMED_CONFIGS[1], TIMED_CONFIGS[8]]
 
-# --focus: the goal shape only (B=256, context 8192). The best configs of the second run
-# again (same-run baseline), neighbours of the next_n=1 best, and the joint-MMA variant
-# for next_n=2 (skipped at next_n=1, where it is the same kernel).
-FOCUS_CONFIGS = [
-    _cfg(128, 8, 3, tiles=32),
-    _cfg(128, 4, 2, prefetch=1),
-    _cfg(128, 8, 3),
-    _cfg(128, 8, 4, tiles=32),
-    _cfg(128, 8, 2, tiles=32),
-    _cfg(128, 8, 3, tiles=16),
-    _cfg(128, 8, 1, prefetch=1, tiles=32),
-    _cfg(128, 8, 3, joint=1),
-    _cfg(128, 8, 3, tiles=32, joint=1),
-    _cfg(128, 8, 1, prefetch=1, joint=1),
-    _cfg(128, 8, 2, prefetch=1, joint=1),
-    _cfg(128, 4, 2, prefetch=1, joint=1),
-    _cfg(64, 4, 3, joint=1),
-    _cfg(64, 8, 3, joint=1),
-]
-FOCUS_PARITY = [FOCUS_CONFIGS[9], FOCUS_CONFIGS[11], FOCUS_CONFIGS[12]]
+# --focus N: the goal shape only (B=256, context 8192), configs of round N timed, the
+# round's parity configs on the reduced grid. Joint-MMA configs are skipped at next_n=1
+# (the same kernel there). Round 1: the second run's best configs again (same-run
+# baseline), neighbours of the next_n=1 best, the joint MMA for next_n=2
+# (indexer_logits_h100_focus1.md). Round 2: repeats of round 1's winners and their
+# neighbours (stages, tiles, warps), so a winner is confirmed by a second run.
+FOCUS_ROUNDS = {
+    1: [
+        _cfg(128, 8, 3, tiles=32),
+        _cfg(128, 4, 2, prefetch=1),
+        _cfg(128, 8, 3),
+        _cfg(128, 8, 4, tiles=32),
+        _cfg(128, 8, 2, tiles=32),
+        _cfg(128, 8, 3, tiles=16),
+        _cfg(128, 8, 1, prefetch=1, tiles=32),
+        _cfg(128, 8, 3, joint=1),
+        _cfg(128, 8, 3, tiles=32, joint=1),
+        _cfg(128, 8, 1, prefetch=1, joint=1),
+        _cfg(128, 8, 2, prefetch=1, joint=1),
+        _cfg(128, 4, 2, prefetch=1, joint=1),
+        _cfg(64, 4, 3, joint=1),
+        _cfg(64, 8, 3, joint=1),
+    ],
+    2: [
+        _cfg(128, 8, 2, tiles=32),
+        _cfg(128, 8, 3, tiles=32),
+        _cfg(128, 4, 2, prefetch=1),
+        _cfg(128, 8, 2),
+        _cfg(128, 8, 2, tiles=16),
+        _cfg(128, 8, 2, tiles=8),
+        _cfg(128, 4, 2, tiles=32),
+        _cfg(128, 8, 2, prefetch=1, tiles=32),
+        _cfg(64, 4, 3, joint=1),
+        _cfg(64, 4, 3),
+        _cfg(64, 4, 2, joint=1),
+        _cfg(64, 4, 4, joint=1),
+        _cfg(64, 4, 3, tiles=32, joint=1),
+        _cfg(64, 4, 2, prefetch=1, joint=1),
+        _cfg(128, 8, 2, tiles=32, joint=1),
+    ],
+}
+FOCUS_PARITY = {
+    1: [FOCUS_ROUNDS[1][9], FOCUS_ROUNDS[1][11], FOCUS_ROUNDS[1][12]],
+    2: [FOCUS_ROUNDS[2][0], FOCUS_ROUNDS[2][8], FOCUS_ROUNDS[2][13]],
+}
 
 
 def config_name(config: dict) -> str:
@@ -339,17 +364,17 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=110.0, help="stop starting new timings after this many seconds")
     parser.add_argument("--render", metavar="JSON", help="only re-render the markdown summary of a results file")
     parser.add_argument("--note", default="", help="a paragraph placed under the markdown title (with --render)")
-    parser.add_argument("--focus", action="store_true",
-                        help="goal shape only, FOCUS_CONFIGS timed, their joint-MMA configs on the parity grid")
+    parser.add_argument("--focus", type=int, choices=sorted(FOCUS_ROUNDS), default=0,
+                        help="goal shape only: time FOCUS_ROUNDS[N], parity grid for FOCUS_PARITY[N]")
     args = parser.parse_args()
     if args.focus:
         global TIMED_CONFIGS, PARITY_ALTERNATES
-        TIMED_CONFIGS, PARITY_ALTERNATES = FOCUS_CONFIGS, FOCUS_PARITY
+        TIMED_CONFIGS, PARITY_ALTERNATES = FOCUS_ROUNDS[args.focus], FOCUS_PARITY[args.focus]
     if args.render:
         return render(Path(args.render), args.note)
     start = time.time()
     device = "cpu" if args.smoke else "cuda"
-    tag = args.tag or ("smoke" if args.smoke else "h100") + ("_focus" if args.focus else "")
+    tag = args.tag or ("smoke" if args.smoke else "h100") + (f"_focus{args.focus}" if args.focus else "")
     env = environment_row()
     print(f"environment: {env}", flush=True)
 
@@ -360,7 +385,7 @@ def main() -> int:
             print("  ", r["status"], r["features"], r["config"], r.get("detail", ""), flush=True)
 
     timings = timing_rows(device, args.smoke, start + args.budget_s, args.focus)
-    command = "PYTHONPATH=. python3 benchmarks/indexer_logits.py" + (" --smoke" if args.smoke else "") + (" --focus" if args.focus else "")
+    command = "PYTHONPATH=. python3 benchmarks/indexer_logits.py" + (" --smoke" if args.smoke else "") + (f" --focus {args.focus}" if args.focus else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [{**env, **r} for r in parity + timings]

@@ -184,41 +184,33 @@ def _launch_params(
     return params
 
 
-def _int_class(value: int) -> int:
-    """Triton's specialisation of an int argument: 1, a multiple of 16, or neither.
-    -1 outside int32 (Triton passes those as i64: left to the generic path)."""
-    if value > _INT32_MAX or value < -_INT32_MAX - 1:
-        return -1
-    return 1 if value == 1 else (16 if value % 16 == 0 else 0)
-
-
-def _driver() -> list[Any]:
+def _bind_driver() -> tuple[Any, Any, Any]:
+    """The driver's current-device and current-stream getters (the ones the JIT path
+    uses) and Triton's runtime knobs, where launch hooks (profilers) are registered."""
     if not _DRIVER:
         active = triton.runtime.driver.active
         _DRIVER.extend((active.get_current_device, active.get_current_stream, triton.knobs.runtime))
-    return _DRIVER
+    return tuple(_DRIVER)
 
 
-def _no_hook(hook: Any) -> bool:
-    """True for an unset launch hook: None (older Triton) or an empty ``HookChain``."""
-    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
-
-
-def _compiled_key(
-    logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tokens: int, experts: int,
-    topk: int, num_shared: int, renormalize: bool, config: Mapping[str, Any] | None, device_index: int,
+def _direct_key(
+    logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tokens: int, experts: int, topk: int,
+    num_shared: int, renormalize: bool, config: Mapping[str, Any] | None, device_index: int,
 ) -> tuple | None:
     """A key at least as fine as Triton's own specialisation for this kernel: argument
-    dtypes, 16-byte alignment of each pointer, the int class of each specialised int
-    (strides; token and expert counts are ``do_not_specialize``), every constexpr (via
-    the launch parameters' inputs) and the current device. None: use the generic path."""
+    dtypes, 16-byte alignment of each pointer, each specialised int (the strides) as
+    == 1 and divisible by 16 (token and expert counts are ``do_not_specialize``), every
+    constexpr (through the inputs of the launch parameters: the heuristic's token class,
+    experts, k, S, renormalise, config) and the current device. None (generic path):
+    ints past int32, which Triton passes as i64."""
     stride_t, stride_e = logits.stride()
-    cls_t, cls_e = _int_class(stride_t), _int_class(stride_e)
-    if cls_t < 0 or cls_e < 0 or tokens > _INT32_MAX:
+    if tokens > _INT32_MAX or stride_t > _INT32_MAX or stride_e > _INT32_MAX:
         return None
     return (
-        heuristic_tokens_class(tokens), experts, topk, num_shared, renormalize,
-        tuple(config.items()) if config else (), logits.dtype, cls_t, cls_e,
+        # heuristic_tokens_class(tokens), inlined (tokens >= 1 here): one call less per launch
+        min((tokens - 1).bit_length(), 11), experts, topk, num_shared, renormalize,
+        tuple(config.items()) if config else (), logits.dtype,
+        stride_t == 1, stride_t % 16 == 0, stride_e == 1, stride_e % 16 == 0,
         logits.data_ptr() % 16 == 0, weights.data_ptr() % 16 == 0, ids.data_ptr() % 16 == 0,
         device_index,
     )
@@ -248,23 +240,25 @@ def moe_topk_softmax(
     renormalize = bool(renormalize)
     key = None
     if device.type != "cpu":  # the interpreter (CPU tests) always takes the generic path
-        get_device, get_stream, hooks = _driver()
+        get_device, get_stream, knobs = _DRIVER if _DRIVER else _bind_driver()
         device_index = get_device()
-        key = _compiled_key(gating_logits, weights, ids, tokens, experts, topk, num_shared,
-                            renormalize, config, device_index)
+        key = _direct_key(gating_logits, weights, ids, tokens, experts, topk, num_shared, renormalize, config,
+                          device_index)
         entry = _COMPILED.get(key) if key is not None else None
         if entry is not None:
             rows, run, function, packed, compiled, consts = entry
             stride_t, stride_e = gating_logits.stride()
             args = (gating_logits, weights, ids, tokens, experts, stride_t, stride_e, *consts)
-            grid = ((tokens + rows - 1) // rows, 1, 1)
+            grid_x = (tokens + rows - 1) // rows
             stream = get_stream(device_index)
-            enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
-            if _no_hook(enter) and _no_hook(leave):
-                run(grid[0], 1, 1, stream, function, packed, None, None, None, *args)
-            else:  # a profiler is listening: hand it what the JIT path would
-                run(grid[0], 1, 1, stream, function, packed, compiled.launch_metadata(grid, stream, *args),
-                    enter, leave, *args)
+            enter, leave = knobs.launch_enter_hook, knobs.launch_exit_hook
+            # Hooks are None (older Triton) or a HookChain, empty unless a profiler listens.
+            if getattr(enter, "calls", enter) or getattr(leave, "calls", leave):
+                # hand the hooks what the JIT path would
+                meta = compiled.launch_metadata((grid_x, 1, 1), stream, *args)
+                run(grid_x, 1, 1, stream, function, packed, meta, enter, leave, *args)
+            else:
+                run(grid_x, 1, 1, stream, function, packed, None, None, None, *args)
             return weights, ids
     rows, block, kp, sp, select, warps = _launch_params(tokens, experts, topk, num_shared, config)
     consts = (topk, num_shared, renormalize, rows, block, kp, sp, select)
