@@ -45,16 +45,14 @@ _SMALL_HEADS = [
 ]
 _MANY_HEADS = [
     {},
-    {"H_BLOCK": 16, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3},
+    {"LAYOUT": 1, "H_BLOCK": 16, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3},
     {"LAYOUT": 1, "H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2},
-    # Two-warpgroup layouts (64 heads, S split by slots between the warpgroups), with
-    # deeper row pipelines (num_stages 5: three row buffers) and L2 prefetch of rows ahead.
+    # Two-warpgroup layouts (64 heads, S split by slots between the warpgroups): the
+    # one-tile body with two or three row buffers, the four-tile body.
+    {"LAYOUT": 2, "num_stages": 3},
     {"LAYOUT": 2},
-    {"LAYOUT": 2, "num_stages": 5},
-    {"LAYOUT": 2, "PREFETCH": 2},
-    {"LAYOUT": 2, "PREFETCH": 4},
-    {"LAYOUT": 2, "num_stages": 5, "PREFETCH": 2},
     {"LAYOUT": 3},
+    {"LAYOUT": 3, "num_stages": 5},
 ]
 _FP8_SMALL_HEADS = [
     {},
@@ -64,20 +62,17 @@ _FP8_SMALL_HEADS = [
 ]
 _FP8_MANY_HEADS = [
     {},
-    {"H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3},
+    {"LAYOUT": 1, "H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3},
     {"LAYOUT": 1, "H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2},
+    {"LAYOUT": 1, "H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 2},
+    {"LAYOUT": 2, "num_stages": 3},
     {"LAYOUT": 2},
-    {"LAYOUT": 2, "num_stages": 5},
-    {"LAYOUT": 2, "PREFETCH": 2},
-    {"LAYOUT": 2, "PREFETCH": 4},
-    {"LAYOUT": 2, "num_stages": 5, "PREFETCH": 2},
 ]
 # Configs whose layouts the default parity grid (automatic tiles at batch 4) does not
 # reach: each runs the whole parity grid too, before any timing.
 PARITY_CONFIGS = [
     {"LAYOUT": 2},
-    {"LAYOUT": 2, "num_stages": 5, "PREFETCH": 2},
-    {"LAYOUT": 2, "N_BLOCK": 16, "num_stages": 4, "SPLITS": 3},
+    {"LAYOUT": 2, "N_BLOCK": 16, "num_stages": 3, "SPLITS": 3},
     {"LAYOUT": 3},
 ]
 

@@ -220,6 +220,14 @@ TRITON_CASES = [
     (dict(heads=5, topk=50, kv_dtype="fp8"), {"FP8_MODE": 1}),
     (dict(heads=5, topk=50, extra_topk=16, sink=True, kv_dtype="fp8"), {"FP8_MODE": 2, "SPLITS": 1}),
     (dict(heads=6, topk=33, d_qk=512, extra_topk=8, sink=True), {"H_BLOCK": 32}),
+    # two-warpgroup layouts: the one-tile body (64-head programs over fewer heads, both
+    # scopes, fp8 rows, no rope tail, one split) and the four-tile body with S split
+    (dict(heads=40, topk=37), {"LAYOUT": 2}),
+    (dict(heads=64, topk=50, extra_topk=16, sink=True, batch=2), {"LAYOUT": 2, "SPLITS": 2}),
+    (dict(heads=5, topk=50, extra_topk=16, sink=True, kv_dtype="fp8"), {"LAYOUT": 2, "SPLITS": 1}),
+    (dict(heads=6, topk=33, d_qk=512, extra_topk=8, sink=True), {"LAYOUT": 2, "N_BLOCK": 16}),
+    (dict(heads=20, topk=45, extra_topk=16, qlen=2, batch=2), {"LAYOUT": 3, "SPLITS": 3}),
+    (dict(heads=7, topk=40, kv_dtype="fp8"), {"LAYOUT": 3}),
 ]
 
 
@@ -245,6 +253,28 @@ def test_triton_non_contiguous_q_and_padded_blocks():
     with poisoned_outputs():
         got = sparse_mla_decode_triton(q_strided, kv, idx, scale, d_v, **kw, config={"SPLITS": 2})
     assert compare(got, ref, feats(heads=4, kv_dtype="fp8", extra_topk=8)).passed
+
+
+@needs_triton
+def test_triton_layout_resolution():
+    """The two-warpgroup layouts fix 64 heads on 8 warps; the automatic choice takes them
+    for many (query, head) rows only; the wide layout's automatic split count stays
+    within one wave of programs (the CPU counts as 4 units)."""
+    from kernmux.kernels.sparse_mla_decode.config import LAYOUT_SPLIT_S, LAYOUT_TILES, LAYOUT_WIDE
+    from kernmux.kernels.sparse_mla_decode.triton import resolve_config
+
+    cpu = torch.device("cpu")
+    forced = resolve_config({"LAYOUT": LAYOUT_SPLIT_S, "H_BLOCK": 16, "num_warps": 4}, 64, 32, 2048, cpu)
+    assert (forced["H_BLOCK"], forced["num_warps"], forced["LAYOUT"]) == (64, 8, LAYOUT_SPLIT_S)
+    assert resolve_config({}, 64, 8, 2048, cpu, "fp8")["LAYOUT"] == LAYOUT_WIDE
+    assert resolve_config({}, 128, 128, 2048, cpu)["LAYOUT"] == LAYOUT_SPLIT_S
+    assert resolve_config({}, 16, 128, 2048, cpu)["LAYOUT"] == LAYOUT_TILES
+    assert resolve_config({}, 64, 1, 2048, cpu)["LAYOUT"] == LAYOUT_TILES
+    # given tiles that are not the automatic ones keep the four-tile body
+    assert resolve_config({"H_BLOCK": 32}, 64, 32, 2048, cpu)["LAYOUT"] == LAYOUT_TILES
+    # 3 programs on 4 units: the wide layout keeps one wave (1 split), the others fill it (2)
+    assert resolve_config({"LAYOUT": LAYOUT_WIDE}, 64, 3, 2048, cpu)["SPLITS"] == 1
+    assert resolve_config({"LAYOUT": LAYOUT_SPLIT_S}, 64, 3, 2048, cpu)["SPLITS"] == 2
 
 
 def test_triton_supports(monkeypatch):

@@ -4,47 +4,61 @@ from __future__ import annotations
 
 # 0 = chosen per problem by ``auto_tile`` (H_BLOCK, N_BLOCK, num_warps, num_stages
 # together) or, for SPLITS, enough programs to cover the SMs once.
-DEFAULT_CONFIG: dict[str, int] = {"H_BLOCK": 0, "N_BLOCK": 0, "SPLITS": 0, "num_warps": 0, "num_stages": 0, "FP8_MODE": 0, "LAYOUT": 0, "PREFETCH": 0}
+DEFAULT_CONFIG: dict[str, int] = {"H_BLOCK": 0, "N_BLOCK": 0, "SPLITS": 0, "num_warps": 0, "num_stages": 0, "FP8_MODE": 0, "LAYOUT": 0}
 
 # LAYOUT: which kernel body. TILES: four d_v/4 column tiles per gathered row, any head
 # group (triton.py). WIDE: 64 heads on two warpgroups, one latent tile, S split by slots
 # and O by columns between the warpgroups (triton_wide.py). SPLIT_S: the four-tile body
-# with S split by slots (64 heads, 8 warps).
+# with S split by slots the same way (64 heads, 8 warps).
 LAYOUT_AUTO, LAYOUT_TILES, LAYOUT_WIDE, LAYOUT_SPLIT_S = 0, 1, 2, 3
-# The tile of the two-warpgroup layouts when not given: 8 warps of 64 heads, 32 slots a
-# step, two row buffers (sm_90 compile report: 250 registers, no spills, 156 KB shared).
-WIDE_TILE: dict[str, int] = {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 3}
+
+
+def two_group_tile(layout: int) -> dict[str, int]:
+    """The tile of a two-warpgroup layout when not given: 8 warps of 64 heads, 32 slots a
+    step (sm_90 compile report, Triton 3.6 and 3.9: <= 255 registers, no spills with one
+    scope); WIDE with three row buffers (num_stages 5, 193 KB shared memory), the fastest
+    on the H100; SPLIT_S with two (num_stages 3, 157 KB)."""
+    return {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 5 if layout == LAYOUT_WIDE else 3}
+
+
 CONFIG_SPACE: dict[str, tuple[int, ...]] = {
     "H_BLOCK": (0, 16, 32, 64),  # heads per program (one gathered row serves all of them)
     "N_BLOCK": (0, 16, 32, 64),  # slots gathered per step
     "SPLITS": (0, 1, 2, 4, 8, 16, 32, 64),  # programs per (query, head group) over the slots
     "num_warps": (0, 4, 8),
-    "num_stages": (0, 1, 2, 3, 4),
+    "num_stages": (0, 1, 2, 3, 4, 5),
     # fp8 KV: 0 = dequantise each gathered tile (fp8 * scale -> bf16); 1 = convert to bf16
     # and fold the per-tile scales into the scores and probabilities; 2 = the same with
     # fp16 operands (native fp8 -> fp16 conversion; q pre-scaled by a power of two).
     "FP8_MODE": (0, 1, 2),  # four-tile layout only; the wide layout dequantises rows
     "LAYOUT": (0, 1, 2, 3),
-    # wide layout: prefetch into L2 the rows this many steps ahead (0 = off)
-    "PREFETCH": (0, 1, 2, 4),
 }
 TILE_KEYS = ("H_BLOCK", "N_BLOCK", "num_warps", "num_stages")
 
 
 def auto_tile(kv_dtype: str, heads: int, queries: int) -> dict[str, int]:
-    """Tile shape and layout by problem, the fastest candidates of the H100 sweep
-    (benchmarks/results/sparse_mla_decode_h100.md): 16-head groups (mma.sync, no spills)
-    for few (query, head) rows, 64-head groups (wgmma, some register spills) for many;
-    with fp8 KV the 64-head groups win earlier, as the dequantisation of each gathered
-    tile is then shared by four times as many heads."""
+    """Tile shape and layout by problem, the fastest candidates of the H100 sweeps
+    (benchmarks/results/sparse_mla_decode_summary.md). 16-head groups (mma.sync, no
+    spills) for few (query, head) rows. From 64 heads and 512 (query, head) rows the
+    two-warpgroup layouts: the one-tile WIDE body with three row buffers (num_stages 5),
+    except for bf16 from 16384 rows, where the four-tile SPLIT_S body was faster (h_q 128,
+    B 128: 445 against 515 us). Fewer heads keep the earlier four-tile choices."""
+    wide = {"LAYOUT": LAYOUT_WIDE, **two_group_tile(LAYOUT_WIDE)}
     tiles = {"LAYOUT": LAYOUT_TILES}
+    rows = queries * heads
     if kv_dtype == "fp8":
         if heads <= 16:
             return {**tiles, "H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 3}
-        if queries * heads >= 512:
+        if heads >= 64 and rows >= 512:
+            return wide
+        if rows >= 512:
             return {**tiles, "H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2}
         return {**tiles, "H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3}
-    if heads > 16 and queries * heads >= 8192:
+    if heads >= 64 and rows >= 16384:
+        return {"LAYOUT": LAYOUT_SPLIT_S, **two_group_tile(LAYOUT_SPLIT_S)}
+    if heads >= 64 and rows >= 512:
+        return wide
+    if heads > 16 and rows >= 8192:
         return {**tiles, "H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2}
     return {**tiles, "H_BLOCK": 16, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3}
 

@@ -33,8 +33,8 @@ from kernmux.kernels.sparse_mla_decode.config import (
     LAYOUT_TILES,
     LAYOUT_WIDE,
     TILE_KEYS,
-    WIDE_TILE,
     auto_tile,
+    two_group_tile,
 )
 
 LOG2E = 1.4426950408889634
@@ -340,8 +340,8 @@ def resolve_config(
     two_groups = cfg["LAYOUT"] in (LAYOUT_WIDE, LAYOUT_SPLIT_S)
     tile = auto_tile(kv_dtype, heads, queries)
     if two_groups:  # these layouts are defined for 64 heads on 8 warps
-        tile = {**tile, **WIDE_TILE}
-        cfg["H_BLOCK"], cfg["num_warps"] = WIDE_TILE["H_BLOCK"], WIDE_TILE["num_warps"]
+        tile = {**tile, **two_group_tile(cfg["LAYOUT"])}
+        cfg["H_BLOCK"], cfg["num_warps"] = tile["H_BLOCK"], tile["num_warps"]
     for key in TILE_KEYS:
         if not cfg[key]:
             cfg[key] = tile[key]
@@ -430,12 +430,7 @@ def sparse_mla_decode_triton(
     if cfg["LAYOUT"] == LAYOUT_WIDE:
         from kernmux.kernels.sparse_mla_decode.triton_wide import _sparse_mla_decode_wide_kernel
 
-        row_bytes = pe_off + 2 * d_pe if is_fp8 else 2 * (d_v + d_pe)
-        _sparse_mla_decode_wide_kernel[grid](
-            *args, **common,
-            # L2 prefetch is inline PTX, which the interpreter does not run.
-            PF_DIST=0 if common["UPCAST"] else int(cfg["PREFETCH"]), PF_LINES=triton.next_power_of_2(triton.cdiv(row_bytes, 128)),
-        )
+        _sparse_mla_decode_wide_kernel[grid](*args, **common)
     else:
         split_s = cfg["LAYOUT"] == LAYOUT_SPLIT_S
         _sparse_mla_decode_kernel[grid](

@@ -23,13 +23,10 @@ import triton.language as tl
 
 from kernmux.kernels.sparse_mla_decode.triton import _dot, _finish_row, _softmax_step
 
-FP8_TILE = 128  # latent columns per fp32 scale in the fp8 row layout
-
-
 @triton.jit
 def _load_rows(row_ptr, valid, N: tl.constexpr, D_V: tl.constexpr, IS_FP8: tl.constexpr):
     """The latent of the gathered rows [N, D_V] as bf16 (zeros where invalid); fp8 rows
-    are scaled per FP8_TILE columns by the fp32 scales stored after the latent."""
+    are scaled per 128 columns by the fp32 scales stored after the latent (fp8.py)."""
     if IS_FP8:
         T: tl.constexpr = D_V // 128
         t = tl.arange(0, T)
@@ -53,37 +50,15 @@ def _row_ptrs(kv_ptr, slot, valid, block_size, stride_blk, stride_tok):
 
 
 @triton.jit
-def _prefetch_rows(row_ptr, ROW_BYTES: tl.constexpr, LINES: tl.constexpr):
-    """Ask L2 for the rows [N] (one ``prefetch.global.L2`` per 128-byte line; lines past
-    the row end repeat its last line): the rows of a later step arrive in L2 while this
-    one computes, without taking shared memory."""
-    line = tl.minimum(tl.arange(0, LINES) * 128, ROW_BYTES - 1)
-    ptrs = row_ptr.to(tl.pointer_type(tl.int8))[:, None] + line[None, :]
-    tl.inline_asm_elementwise(
-        "mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-    )
-
-
-@triton.jit
 def _attend_wide(
     acc, m_i, l_i, q, q_pe,
     kv_ptr, idx_ptr, start, end, block_size, stride_blk, stride_tok, qk_scale, taken,
     IS_FP8: tl.constexpr, D_V: tl.constexpr, D_PE: tl.constexpr, PE_OFF: tl.constexpr,
-    N_BLOCK: tl.constexpr, UPCAST: tl.constexpr, PF_DIST: tl.constexpr, PF_LINES: tl.constexpr,
+    N_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Online softmax over slots idx_ptr[start:end] of one cache (one scope). PF_DIST > 0:
-    each step prefetches into L2 the rows PF_DIST steps ahead (their slots loaded one
-    step earlier still, so no step waits on an index load)."""
-    ROW_BYTES: tl.constexpr = PE_OFF + 2 * D_PE if IS_FP8 else 2 * (D_V + D_PE)
-    offs = tl.arange(0, N_BLOCK)
-    pf_next = start + PF_DIST * N_BLOCK + offs
-    pf_slot = tl.load(idx_ptr + pf_next, mask=(pf_next < end) & (PF_DIST > 0), other=-1)
+    """Online softmax over slots idx_ptr[start:end] of one cache (one scope)."""
     for n0 in range(start, end, N_BLOCK):
-        if PF_DIST > 0:
-            _prefetch_rows(_row_ptrs(kv_ptr, pf_slot, pf_slot >= 0, block_size, stride_blk, stride_tok), ROW_BYTES, PF_LINES)
-            pf_next = n0 + (PF_DIST + 1) * N_BLOCK + offs
-            pf_slot = tl.load(idx_ptr + pf_next, mask=pf_next < end, other=-1)
-        offs_n = n0 + offs
+        offs_n = n0 + tl.arange(0, N_BLOCK)
         slot = tl.load(idx_ptr + offs_n, mask=offs_n < end, other=-1)
         valid = slot >= 0
         row_ptr = _row_ptrs(kv_ptr, slot, valid, block_size, stride_blk, stride_tok)
@@ -115,7 +90,6 @@ def _sparse_mla_decode_wide_kernel(
     IS_FP8: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_SINK: tl.constexpr, FINAL: tl.constexpr,
     D_V: tl.constexpr, D_PE: tl.constexpr, PE_OFF: tl.constexpr,
     H_BLOCK: tl.constexpr, N_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
-    PF_DIST: tl.constexpr = 0, PF_LINES: tl.constexpr = 16,
 ):
     pid_h = tl.program_id(0)
     pid_q = tl.program_id(1)
@@ -143,7 +117,7 @@ def _sparse_mla_decode_wide_kernel(
     idx_row = idx_ptr + b.to(tl.int64) * stride_ib + t * stride_is
     acc, m_i, l_i = _attend_wide(
         acc, m_i, l_i, q, q_pe, kv_ptr, idx_row, lo, hi, block_size, stride_blk, stride_tok, qk_scale, heads,
-        IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST, PF_DIST, PF_LINES,
+        IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST,
     )
     if HAS_EXTRA:
         lo = (split * blocks_b) // splits * N_BLOCK
@@ -151,7 +125,7 @@ def _sparse_mla_decode_wide_kernel(
         xidx_row = xidx_ptr + b.to(tl.int64) * stride_xb + t * stride_xs
         acc, m_i, l_i = _attend_wide(
             acc, m_i, l_i, q, q_pe, xkv_ptr, xidx_row, lo, hi, xblock_size, stride_xblk, stride_xtok, qk_scale, heads,
-            IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST, PF_DIST, PF_LINES,
+            IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST,
         )
 
     inv_l = tl.where(l_i > 0.0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
