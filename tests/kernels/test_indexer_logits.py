@@ -242,8 +242,10 @@ def test_triton_matches_reference(case):
         (dict(heads=64, next_n=2, context=300, block_size=64, head_dim=128), {"mma": "kh", "TILES": 4, "BLOCK_N": 32, "prefetch": 1}),
         (dict(heads=8, next_n=1, context=130, block_size=16), {"prefetch": 1, "BLOCK_N": 128}),
         (dict(heads=16, next_n=2, context=63, block_size=16, batch=4), {"prefetch": 1, "mma": "kh", "TILES": 1, "BLOCK_N": 32}),
+        (dict(heads=7, next_n=2, context=97, block_size=16, head_dim=64), {"mma": "kh", "joint": 1, "BLOCK_N": 32}),
+        (dict(heads=64, next_n=2, context=300, block_size=64), {"mma": "kh", "joint": 1, "TILES": 4, "BLOCK_N": 32, "prefetch": 1}),
     ],
-    ids=["ctx1000", "odd-heads-block128", "h128-multi-span", "fp8-dot", "tf32-b1", "kh-h8", "kh-fp8", "kh-multi-span", "prefetch-kh-spans", "prefetch-hk", "prefetch-one-tile"],
+    ids=["ctx1000", "odd-heads-block128", "h128-multi-span", "fp8-dot", "tf32-b1", "kh-h8", "kh-fp8", "kh-multi-span", "prefetch-kh-spans", "prefetch-hk", "prefetch-one-tile", "joint-odd-heads", "joint-prefetch-spans"],
 )
 def test_triton_configs_and_odd_shapes(case, config):
     result = verify_kernel(OP, "triton", feats(**case), seed=7, config=config)

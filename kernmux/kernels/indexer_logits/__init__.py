@@ -115,11 +115,14 @@ register_kernel(
         "dot": ("bf16", "fp8", "tf32"),
         "mma": ("hk", "kh"),
         "prefetch": (0, 1),
+        # Both next_n queries in one MMA (next_n=2 with mma="kh" only): 11% faster at
+        # B=256, ctx 8192 on an H100 (benchmarks/results/indexer_logits_focus_summary.md).
+        "joint": (0, 1),
     },
     # Best worst case over next_n 1 and 2 at B=256 on an H100 (benchmarks/results/
     # indexer_logits_h100.md): 211 / 245 µs at context 8192. next_n=1 alone prefers
     # num_warps=8, num_stages=3, prefetch=0 (196 µs) -- the tuning database's job.
-    default_config={"BLOCK_N": 128, "TILES": 0, "num_warps": 4, "num_stages": 2, "dot": "bf16", "mma": "kh", "prefetch": 1},
+    default_config={"BLOCK_N": 128, "TILES": 0, "num_warps": 4, "num_stages": 2, "dot": "bf16", "mma": "kh", "prefetch": 1, "joint": 0},
     priority=20,
     doc="Triton paged kernel: one pass over the fp8 keys, tl.dot against all heads, next_n in (1, 2)",
 )
