@@ -15,10 +15,10 @@ LAYOUT_AUTO, LAYOUT_TILES, LAYOUT_WIDE, LAYOUT_SPLIT_S = 0, 1, 2, 3
 
 def two_group_tile(layout: int) -> dict[str, int]:
     """The tile of a two-warpgroup layout when not given: 8 warps of 64 heads, 32 slots a
-    step (sm_90 compile report, Triton 3.6 and 3.9: <= 255 registers, no spills with one
-    scope); WIDE with three row buffers (num_stages 5, 193 KB shared memory), the fastest
-    on the H100; SPLIT_S with two (num_stages 3, 157 KB)."""
-    return {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 5 if layout == LAYOUT_WIDE else 3}
+    step, three row buffers (num_stages 5: 158-194 KB shared memory; faster than two
+    buffers for both bodies on the H100). Triton 3.6 on the H100: 255 registers, no spills
+    for the one-tile body with one scope, 18-60 bytes with two scopes or split-S."""
+    return {"H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 5}
 
 
 CONFIG_SPACE: dict[str, tuple[int, ...]] = {
@@ -40,24 +40,23 @@ def auto_tile(kv_dtype: str, heads: int, queries: int) -> dict[str, int]:
     """Tile shape and layout by problem, the fastest candidates of the H100 sweeps
     (benchmarks/results/sparse_mla_decode_summary.md). 16-head groups (mma.sync, no
     spills) for few (query, head) rows. From 64 heads and 512 (query, head) rows the
-    two-warpgroup layouts: the one-tile WIDE body with three row buffers (num_stages 5),
-    except for bf16 from 16384 rows, where the four-tile SPLIT_S body was faster (h_q 128,
-    B 128: 445 against 515 us). Fewer heads keep the earlier four-tile choices."""
-    wide = {"LAYOUT": LAYOUT_WIDE, **two_group_tile(LAYOUT_WIDE)}
+    two-warpgroup layouts: the one-tile WIDE body, except for bf16 from 8192 rows, where
+    the four-tile SPLIT_S body was faster (B 128: 227 against 267 us at h_q 64, 389
+    against 454-514 us at h_q 128). Fewer heads keep the earlier four-tile choices."""
     tiles = {"LAYOUT": LAYOUT_TILES}
     rows = queries * heads
     if kv_dtype == "fp8":
         if heads <= 16:
             return {**tiles, "H_BLOCK": 16, "N_BLOCK": 32, "num_warps": 4, "num_stages": 3}
         if heads >= 64 and rows >= 512:
-            return wide
+            return {"LAYOUT": LAYOUT_WIDE, **two_group_tile(LAYOUT_WIDE)}
         if rows >= 512:
             return {**tiles, "H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2}
         return {**tiles, "H_BLOCK": 32, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3}
-    if heads >= 64 and rows >= 16384:
+    if heads >= 64 and rows >= 8192:
         return {"LAYOUT": LAYOUT_SPLIT_S, **two_group_tile(LAYOUT_SPLIT_S)}
     if heads >= 64 and rows >= 512:
-        return wide
+        return {"LAYOUT": LAYOUT_WIDE, **two_group_tile(LAYOUT_WIDE)}
     if heads > 16 and rows >= 8192:
         return {**tiles, "H_BLOCK": 64, "N_BLOCK": 32, "num_warps": 8, "num_stages": 2}
     return {**tiles, "H_BLOCK": 16, "N_BLOCK": 64, "num_warps": 8, "num_stages": 3}
