@@ -13,6 +13,10 @@ together and share them through L2.
 With one split the main kernel finishes the rows itself (sink, empty rows, bf16 store);
 otherwise it writes fp32 partials ``(o / l, log2-sum-exp)`` and ``_combine_kernel`` merges
 the splits by LSE, applies the sink and writes o and lse.
+
+Config ``LAYOUT`` (config.py) picks the body: the four-tile body here, with S split by
+slots between two warpgroups for 64-head programs (SPLIT_S), or the one-tile body of
+``triton_wide.py`` (WIDE); the launcher below serves both.
 """
 
 from __future__ import annotations
