@@ -123,12 +123,7 @@ def main() -> int:
     if args.op in [op.name for op in REGISTRY.all_ops()]:
         op = REGISTRY.op(args.op)
         feats = op.default_features(device)
-        inputs, kwargs = op.make_inputs(feats, device, 0)
-        import inspect
-
-        bound = inspect.signature(op.reference).bind(*inputs, **kwargs)
-        bound.apply_defaults()
-        inputs = tuple(bound.arguments.values())  # the hot path is called positionally here
+        inputs = op.positional(*op.make_inputs(feats, device, 0))  # called positionally here
         entry = getattr(kernmux.ops, args.op)
         direct = chosen_callable(entry, inputs)
         decision = next(iter(entry.kernmux_entry.keyinfo.values()))[1]

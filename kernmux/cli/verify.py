@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from kernmux.cli.common import UsageError, add_json_flag, fail, format_features, get_op, parse_feature_args, print_json, table
+from kernmux.cli.common import UsageError, add_json_flag, fail, format_features, get_op, parse_feature_args, print_json
 
 
 def register(subparsers) -> None:
@@ -55,7 +55,7 @@ def run(args) -> int:
                 items.append(f"{name}={','.join(str(v) for v in values)}")
         combos = parse_feature_args(op, items, device=device)
         kernels = REGISTRY.kernels_of(op.name)
-        names = [k for k in sorted(kernels) if not kernels[k].test_only or args.kernels]
+        names = [k for k in sorted(kernels) if not kernels[k].test_only]
         if args.kernels:
             names = [k.strip() for k in args.kernels.split(",") if k.strip()]
             unknown = [k for k in names if k not in kernels]

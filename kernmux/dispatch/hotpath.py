@@ -169,15 +169,7 @@ class OpEntry:
     def miss(self, raw_key: Any, *args: Any) -> Any:
         self.op.validate(*args)
         features = self.op.features(*args)
-        decision = self.dispatcher.decide(self.op.name, features)
-        fn = self.dispatcher.build(decision)
-        self.keyinfo[raw_key] = (features, decision)
-        try:
-            out = fn(*args)
-        except Exception as error:
-            return self.fail(raw_key, fn, error, *args)
-        self.cache[raw_key] = fn
-        return out
+        return self._call(raw_key, features, self.dispatcher.decide(self.op.name, features), args)
 
     def fail(self, raw_key: Any, fn: Callable[..., Any], error: Exception, *args: Any) -> Any:
         """The chosen kernel raised: log once, mark it failed for this key, call the next."""
@@ -196,13 +188,17 @@ class OpEntry:
             next_decision = self.dispatcher.decide(self.op.name, features)
         except NoKernelError as e:
             raise e from error
-        next_fn = self.dispatcher.build(next_decision)
-        self.keyinfo[raw_key] = (features, next_decision)
+        return self._call(raw_key, features, next_decision, args)
+
+    def _call(self, raw_key: Any, features: dict[str, Any], decision: Decision, args: tuple) -> Any:
+        """Build the decision's callable, call it, and cache it once it has worked."""
+        fn = self.dispatcher.build(decision)
+        self.keyinfo[raw_key] = (features, decision)
         try:
-            out = next_fn(*args)
-        except Exception as next_error:
-            return self.fail(raw_key, next_fn, next_error, *args)
-        self.cache[raw_key] = next_fn
+            out = fn(*args)
+        except Exception as error:
+            return self.fail(raw_key, fn, error, *args)
+        self.cache[raw_key] = fn
         return out
 
 

@@ -160,6 +160,15 @@ class Op:
             return FeatureSpec("device", "str", "device type of the inputs", "cpu")
         raise KeyError(name)
 
+    def positional(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+        """``(args, kwargs)`` as the positional tuple, defaults filled, in the reference's
+        parameter order: how the hot path and transforms call kernels."""
+        import inspect
+
+        bound = inspect.signature(self.reference).bind(*args, **kwargs)
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
+
     def default_features(self, device: str = "cpu") -> dict[str, Any]:
         feats = {spec.name: spec.default for spec in self.feature_specs}
         feats["device"] = device

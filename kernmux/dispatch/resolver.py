@@ -249,6 +249,10 @@ def _adaptations(matching: Sequence[Rule], features: Mapping[str, Any]) -> dict[
     return out
 
 
+def _by_status(candidates) -> tuple[Candidate, ...]:
+    return tuple(sorted(candidates, key=lambda c: (STATUSES.index(c.status), c.kernel)))
+
+
 def resolve(
     op_name: str,
     features: Mapping[str, Any],
@@ -296,9 +300,8 @@ def resolve(
             else:
                 statuses[name] = Candidate(name, "unsupported", support.reason)
 
-    ordered = tuple(statuses[name] for name in sorted(statuses, key=lambda n: (STATUSES.index(statuses[n].status), n)))
     if not survivors:
-        raise NoKernelError(op_name, features, ordered)
+        raise NoKernelError(op_name, features, _by_status(statuses.values()))
 
     ctx = _Context(op, kernels, features, platform, matching, survivors, adapt, tuning, force, [])
     choice, source = None, ""
@@ -325,10 +328,8 @@ def resolve(
         (name for name in survivors if name != choice.kernel),
         key=lambda n: (prefer.index(n) if n in prefer else len(prefer), -kernels[n].priority, n),
     )
-    candidates = tuple(
-        Candidate(c.kernel, "chosen", c.reason) if c.kernel == choice.kernel else c for c in ordered
-    )
-    candidates = tuple(sorted(candidates, key=lambda c: (STATUSES.index(c.status), c.kernel)))
+    statuses[choice.kernel] = Candidate(choice.kernel, "chosen", statuses[choice.kernel].reason)
+    candidates = _by_status(statuses.values())
     return Decision(
         op=op_name,
         features=dict(features),

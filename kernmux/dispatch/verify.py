@@ -8,7 +8,7 @@ kernel poisoned before the call (NaN / int-min), compared with ``op.compare``.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,7 +99,7 @@ def verify_kernel(
     expected = op.reference(*ref_args, **ref_kwargs)
     try:
         fn = apply_transform(kernel.bind(config), op, transform) if transform else kernel.bind(config)
-        positional = _positional(op, args, kwargs)
+        positional = op.positional(args, kwargs)
         with poisoned_outputs():
             got = fn(*positional)
         _synchronize(device)
@@ -113,15 +113,6 @@ def verify_kernel(
         seconds=time.perf_counter() - start,
         **base,
     )
-
-
-def _positional(op, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple:
-    """Kernels take the op's arguments positionally, in the reference's order."""
-    import inspect
-
-    bound = inspect.signature(op.reference).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return tuple(bound.arguments.values())
 
 
 def _synchronize(device: str) -> None:

@@ -15,7 +15,6 @@ inputs, poisoned outputs, the op's own comparison (which also checks empty rows 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -153,9 +152,7 @@ def transform_rows(base: Mapping[str, Any], *, device: str = "cpu", seed: int = 
     for index, (label, heads, spec) in enumerate(TRANSFORM_CASES):
         feats = {**base, "heads": heads, "extra_topk": extra_topk, "sink": True, "device": device}
         args, kwargs = op.make_inputs(feats, device, seed + index)
-        bound = inspect.signature(op.reference).bind(*args, **kwargs)
-        bound.apply_defaults()
-        positional = tuple(bound.arguments.values())  # transforms take arguments positionally
+        positional = op.positional(args, kwargs)  # transforms take arguments positionally
         direct = op.reference(*positional)
         transform = TransformSpec(**spec)
         wrapped = apply_transform(op.reference, op, transform)(*positional)
