@@ -79,15 +79,15 @@ def _parity_twice(job: tuple) -> list[dict[str, Any]]:
             feats = bench._features(tokens, experts, topk, shared, dtype, renorm, device)
             base = abs(hash(json.dumps([label, feats], sort_keys=True))) % (2**31)
             for call in (0, 1):
-                before = len(tk._COMPILED)
+                before = len(tk.LAUNCHER.entries)
                 result = verify_kernel(OP, "triton", feats, seed=base + call, config=config)
-                grew = len(tk._COMPILED) - before
+                grew = len(tk.LAUNCHER.entries) - before
                 rows.append({
                     "kind": "parity", "kernel": label, "features": feats, "seed": base + call, "call": call,
                     "status": result.status, "metrics": dict(result.metrics), "detail": result.detail,
                     "launch_cache_grew": grew,
                     # the second call of a key must be a cache hit (direct launch)
-                    "direct_launch": call == 1 and grew == 0 and len(tk._COMPILED) > 0,
+                    "direct_launch": call == 1 and grew == 0 and len(tk.LAUNCHER.entries) > 0,
                 })
     except Exception as e:
         rows.append({"kind": "parity", "kernel": label, "status": "error",

@@ -2,32 +2,40 @@
 
 Each attribute is generated on first access (see :mod:`kernmux.dispatch.hotpath`) and
 then cached as a plain module attribute, so later accesses cost nothing. The op is also
-registered as ``torch.ops.kernmux.<op>`` for torch.compile.
+registered as ``torch.ops.kernmux.<op>`` for torch.compile. The dispatcher behind them is
+the process-wide one from :mod:`kernmux.runtime`.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 from typing import Any
+
+_LOCK = threading.RLock()
 
 
 def __getattr__(name: str) -> Any:
     if name.startswith("__"):
         raise AttributeError(name)
-    from kernmux.dispatch.hotpath import default_dispatcher, make_entry_function, stats_hook
+    from kernmux.dispatch.hotpath import make_entry_function
     from kernmux.dispatch.registry import REGISTRY, UnknownOpError
     from kernmux.dispatch.torch_op import register_custom_op
+    from kernmux.runtime import call_counter, default_dispatcher
 
     try:
         op = REGISTRY.op(name)
     except UnknownOpError as e:
         raise AttributeError(str(e)) from None
-    import sys
-
     module = sys.modules[__name__]
-    # The custom op's eager body looks the entry up by name, so reset() is honoured.
-    custom = register_custom_op(op, lambda *args: getattr(module, name)(*args))
-    fn = make_entry_function(op, default_dispatcher(), custom_op=custom, on_call=stats_hook())
-    globals()[name] = fn
+    with _LOCK:  # concurrent first calls build one entry (and one custom op)
+        fn = module.__dict__.get(name)
+        if fn is not None:
+            return fn
+        # The custom op's eager body looks the entry up by name, so reset() is honoured.
+        custom = register_custom_op(op, lambda *args: getattr(module, name)(*args))
+        fn = make_entry_function(op, default_dispatcher(), custom_op=custom, on_call=call_counter())
+        globals()[name] = fn
     return fn
 
 
@@ -39,9 +47,10 @@ def __dir__() -> list[str]:
 
 def reset() -> None:
     """Forget generated entries and cached decisions (tests; after changing rules)."""
-    import kernmux.dispatch.hotpath as hotpath
     from kernmux.dispatch.registry import REGISTRY
+    from kernmux.runtime import reset_default_dispatcher
 
-    for op in list(REGISTRY.ops):
-        globals().pop(op, None)
-    hotpath._DEFAULT = None
+    with _LOCK:
+        for op in list(REGISTRY.ops):
+            globals().pop(op, None)
+        reset_default_dispatcher()

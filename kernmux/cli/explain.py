@@ -28,9 +28,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from kernmux.dispatch.hotpath import Dispatcher
     from kernmux.dispatch.resolver import NoKernelError
     from kernmux.rules.loader import RuleError
+    from kernmux.runtime import make_dispatcher
 
     try:
         op = get_op(args.op)
@@ -41,7 +41,7 @@ def run(args) -> int:
         return fail(str(e))
     features = combos[0]
     try:
-        dispatcher = Dispatcher(platform=platform, rule_files=args.rules, db_url=args.db)
+        dispatcher = make_dispatcher(platform=platform, rule_files=args.rules, db_url=args.db)
         decision = dispatcher.decide(op.name, features)
     except RuleError as e:
         return fail(f"invalid rules: {e}", 1)

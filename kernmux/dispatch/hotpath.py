@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import threading
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -25,10 +24,9 @@ import torch
 from kernmux.dispatch.platform import Platform, current_platform
 from kernmux.dispatch.registry import REGISTRY, Op, Registry
 from kernmux.dispatch.resolver import Decision, NoKernelError, resolve
+from kernmux.dispatch.rule_model import RuleSet
 from kernmux.dispatch.transforms import apply_transform
-from kernmux.dispatch.tuning import TuningSource, open_tuning_source
-from kernmux.rules.loader import load_rules
-from kernmux.rules.schema import RuleSet
+from kernmux.dispatch.tuning import TuningSource
 
 log = logging.getLogger("kernmux")
 
@@ -37,35 +35,40 @@ def feature_key(features: Mapping[str, Any]) -> tuple:
     return tuple(sorted(features.items()))
 
 
+# What a dispatcher is handed for the tuning level: a source, nothing, or a factory
+# called once on first use returning (source or None, a note saying why there is none).
+TuningFactory = Callable[[], "tuple[TuningSource | None, str]"]
+
+
 class Dispatcher:
     """Decisions and runtime failures for one process (or one what-if configuration).
 
-    rule_files: extra user rule files (most binding first), on top of KERNMUX_RULES and
-    the shipped files. db_url: tuning database URL (None: KERNMUX_DB or the default
-    database if it exists)."""
+    The core opens no file and no database: it is handed its inputs.
+    rules: a :class:`RuleSet`, or a factory returning one (called on first use, so a
+        process that never dispatches never reads rule files).
+    tuning: a tuning source, None (no tuning level), or a :data:`TuningFactory`.
+    listeners: called with each new decision (statistics, logging).
+    :mod:`kernmux.runtime` builds the process-wide dispatcher from the environment."""
 
     def __init__(
         self,
         *,
         registry: Registry = REGISTRY,
         platform: Platform | None = None,
-        rule_files: Sequence[str] = (),
-        db_url: str | None = None,
-        rules: RuleSet | None = None,
-        tuning: TuningSource | None | bool = True,
+        rules: RuleSet | Callable[[], RuleSet] = RuleSet(),
+        tuning: TuningSource | TuningFactory | None = None,
+        listeners: Sequence[Callable[[Decision], None]] = (),
     ) -> None:
         self.registry = registry
         self._platform = platform
-        self._rule_files = tuple(rule_files)
-        self._db_url = db_url
-        self._rules = rules
-        # True = open lazily from db_url/env; None/False = no tuning database.
+        self._rules: Any = rules
         self._tuning: Any = tuning
+        self._tuning_opened = not _is_factory(tuning)
         self._tuning_note = ""
         self._decisions: dict[tuple[str, tuple], Decision] = {}
         self.failed: dict[tuple[str, tuple], dict[str, str]] = {}
         self._lock = threading.RLock()
-        self.listeners: list[Callable[[Decision], None]] = []
+        self.listeners: list[Callable[[Decision], None]] = list(listeners)
         # Raw-key caches of the entry functions built on this dispatcher (cleared when
         # the tuning database changed, so new measurements reach later calls).
         self.entry_caches: list[dict] = []
@@ -79,15 +82,19 @@ class Dispatcher:
 
     @property
     def rules(self) -> RuleSet:
-        if self._rules is None:
-            self._rules = load_rules(self._rule_files, registry=self.registry)
+        if not isinstance(self._rules, RuleSet):
+            with self._lock:
+                if not isinstance(self._rules, RuleSet):
+                    self._rules = self._rules()
         return self._rules
 
     @property
     def tuning(self) -> TuningSource | None:
-        if self._tuning is True:
-            source, note = open_tuning_source(self._db_url)
-            self._tuning, self._tuning_note = source, note
+        if not self._tuning_opened:
+            with self._lock:
+                if not self._tuning_opened:
+                    self._tuning, self._tuning_note = self._tuning()
+                    self._tuning_opened = True
         return self._tuning or None
 
     def decide(self, op_name: str, features: Mapping[str, Any]) -> Decision:
@@ -143,6 +150,10 @@ class Dispatcher:
     def clear(self) -> None:
         with self._lock:
             self._decisions.clear()
+
+
+def _is_factory(tuning: Any) -> bool:
+    return callable(tuning) and not hasattr(tuning, "lookup")
 
 
 def _with_note(decision: Decision, note: str) -> Decision:
@@ -279,41 +290,3 @@ def _not_compilable(name: str) -> Callable[..., Any]:
         raise RuntimeError(f"kernmux op {name} has no torch.library registration")
 
     return fail
-
-
-_DEFAULT: Dispatcher | None = None
-
-
-def default_dispatcher() -> Dispatcher:
-    """The process-wide dispatcher (rules from KERNMUX_RULES + shipped, DB from KERNMUX_DB)."""
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = Dispatcher()
-        _DEFAULT.listeners.append(_report_decision)
-    return _DEFAULT
-
-
-def _report_decision(decision: Decision) -> None:
-    """One INFO log line per new decision, kept for the stats dump (KERNMUX_STATS_PATH)."""
-    try:
-        from kernmux.integrations.stats import record_dispatch
-    except ImportError:
-        return
-    kernel = decision.kernel + (f"+{decision.transform.text()}" if decision.transform else "")
-    source = decision.source
-    if decision.rule:
-        source += f":{decision.rule}"
-    elif decision.row_id is not None:
-        source += f":row {decision.row_id}"
-    record_dispatch(decision.op, feature_key(decision.features), kernel, source)
-
-
-def stats_hook() -> Callable[[str], None] | None:
-    """Per-call counter when KERNMUX_STATS_PATH is set (zero cost otherwise)."""
-    if not os.environ.get("KERNMUX_STATS_PATH"):
-        return None
-    try:
-        from kernmux.integrations.stats import record_call
-    except ImportError:
-        return None
-    return record_call

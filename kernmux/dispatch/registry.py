@@ -29,13 +29,12 @@ from kernmux.dispatch.platform import Platform
 
 log = logging.getLogger("kernmux")
 
-# Sub-packages of kernmux.kernels that define in-tree ops (imported on first registry use).
-IN_TREE_OPS: tuple[str, ...] = (
-    "moe_topk_softmax",
-    "sparse_mla_decode",
-    "indexer_logits",
-)
+# In-tree ops are the sub-packages of this package (found by a scan, never listed).
+IN_TREE_PACKAGE = "kernmux.kernels"
 ENTRY_POINT_GROUP = "kernmux.kernels"
+# The attributes an op's spec module provides (see :meth:`Op.from_spec`).
+SPEC_REQUIRED = ("OP_NAME", "reference", "FEATURE_SPECS", "features", "validate",
+                 "make_inputs", "compare", "fake", "bucket", "roofline")
 
 
 # --------------------------------------------------------------------------- features
@@ -168,6 +167,35 @@ class Op:
         bound = inspect.signature(self.reference).bind(*args, **kwargs)
         bound.apply_defaults()
         return tuple(bound.arguments.values())
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> Op:
+        """The op a spec module describes.
+
+        The module (``kernels/<op>/spec.py``) defines ``OP_NAME``, ``reference``,
+        ``FEATURE_SPECS``, ``features``, ``validate``, ``make_inputs``, ``compare``,
+        ``fake``, ``bucket`` and ``roofline``; optionally ``DOC`` (default: the
+        reference's docstring), ``HEAD_AXES`` and ``SWEEP_DEFAULTS``."""
+        where = getattr(spec, "__name__", repr(spec))
+        missing = [name for name in SPEC_REQUIRED if not hasattr(spec, name)]
+        if missing:
+            raise TypeError(f"op spec {where} lacks {', '.join(missing)}; expected {', '.join(SPEC_REQUIRED)}")
+        doc = getattr(spec, "DOC", None) or (spec.reference.__doc__ or "").strip().split("\n\n")[0]
+        return cls(
+            name=spec.OP_NAME,
+            doc=doc,
+            reference=spec.reference,
+            feature_specs=tuple(spec.FEATURE_SPECS),
+            features=spec.features,
+            validate=spec.validate,
+            make_inputs=spec.make_inputs,
+            compare=spec.compare,
+            fake=spec.fake,
+            bucket=spec.bucket,
+            roofline=spec.roofline,
+            head_axes=getattr(spec, "HEAD_AXES", None),
+            sweep_defaults=dict(getattr(spec, "SWEEP_DEFAULTS", {})),
+        )
 
     def default_features(self, device: str = "cpu") -> dict[str, Any]:
         feats = {spec.name: spec.default for spec in self.feature_specs}
@@ -317,6 +345,7 @@ class Registry:
         # Why a third-party entry point could not be loaded (shown by ``kernmux ops``).
         self.plugin_errors: dict[str, str] = {}
         self._loaded = False
+        self._loading = False
         self._lock = threading.RLock()
 
     def add_op(self, op: Op) -> Op:
@@ -328,6 +357,8 @@ class Registry:
         return op
 
     def add_kernel(self, kernel: Kernel) -> Kernel:
+        if kernel.op not in self.ops:
+            self.ensure_loaded()  # a kernel for an in-tree op may register before its package loads
         with self._lock:
             if kernel.op not in self.ops:
                 raise ValueError(f"kernel {kernel.name!r} registered for unknown op {kernel.op!r}")
@@ -344,27 +375,40 @@ class Registry:
             self.kernels.pop(name, None)
 
     def ensure_loaded(self) -> None:
-        """Import in-tree op packages and third-party entry points, once."""
+        """Import every in-tree op package and third-party entry point, once.
+
+        Thread-safe: concurrent first callers wait until loading has finished. A call
+        made while this thread is loading (an op package asking the registry during its
+        own import) returns at once instead of recursing."""
         if self._loaded:
             return
         with self._lock:
-            if self._loaded:
+            if self._loaded or self._loading:
                 return
+            self._loading = True
+            try:
+                for name in in_tree_op_packages():
+                    try:
+                        importlib.import_module(name)
+                    except Exception as e:  # one broken op package must not take the others down
+                        self.plugin_errors[name] = f"{type(e).__name__}: {e}"
+                        log.warning("kernmux: op package %s failed to import: %s", name, e)
+                for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+                    try:
+                        target = ep.load()
+                        if callable(target):
+                            target()
+                    except Exception as e:  # a broken plugin is reported, never fatal
+                        self.plugin_errors[ep.name] = f"{type(e).__name__}: {e}"
+                        log.warning("kernmux: kernel plugin %r failed to load: %s", ep.name, e)
+            finally:
+                self._loading = False
             self._loaded = True
-            for name in IN_TREE_OPS:
-                try:
-                    importlib.import_module(f"kernmux.kernels.{name}")
-                except Exception as e:  # one broken op package must not take the others down
-                    self.plugin_errors[f"kernmux.kernels.{name}"] = f"{type(e).__name__}: {e}"
-                    log.warning("kernmux: op package %s failed to import: %s", name, e)
-            for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-                try:
-                    target = ep.load()
-                    if callable(target):
-                        target()
-                except Exception as e:  # a broken plugin is reported, never fatal
-                    self.plugin_errors[ep.name] = f"{type(e).__name__}: {e}"
-                    log.warning("kernmux: kernel plugin %r failed to load: %s", ep.name, e)
+
+    def tracked_libs(self) -> list[str]:
+        """Every distribution some registered kernel requires (sorted)."""
+        self.ensure_loaded()
+        return sorted({dist for kernels in self.kernels.values() for k in kernels.values() for dist in k.requires})
 
     def op(self, name: str) -> Op:
         self.ensure_loaded()
@@ -394,11 +438,27 @@ class UnknownOpError(KeyError):
         return self.args[0]
 
 
+def in_tree_op_packages() -> list[str]:
+    """The sub-packages of ``kernmux.kernels``: each defines one op (a package scan)."""
+    import pkgutil
+
+    package = importlib.import_module(IN_TREE_PACKAGE)
+    return sorted(
+        f"{IN_TREE_PACKAGE}.{info.name}"
+        for info in pkgutil.iter_modules(package.__path__)
+        if info.ispkg and not info.name.startswith("_")
+    )
+
+
 REGISTRY = Registry()
 
 
-def register_op(op: Op) -> Op:
-    """Register an op (call at import of ``kernmux/kernels/<op>/__init__.py``)."""
+def register_op(op: Op | Any) -> Op:
+    """Register an op: an :class:`Op`, or the op's spec module (:meth:`Op.from_spec`).
+
+    Called at import of ``kernmux/kernels/<op>/__init__.py`` (or a plugin's package)."""
+    if not isinstance(op, Op):
+        op = Op.from_spec(op)
     return REGISTRY.add_op(op)
 
 

@@ -17,7 +17,7 @@ from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.registry import REGISTRY, Kernel, Op, Registry, Support
 from kernmux.dispatch.transforms import transformed_head_counts
 from kernmux.dispatch.tuning import TuningSource
-from kernmux.rules.schema import Rule, RuleSet, TransformSpec
+from kernmux.dispatch.rule_model import Rule, RuleSet, TransformSpec
 
 # Candidate statuses, in the order the explain trace lists them.
 STATUSES = ("chosen", "allowed", "denied", "failed", "unsupported", "unavailable")

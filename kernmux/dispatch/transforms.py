@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from kernmux.dispatch.registry import HeadAxes, Op
-from kernmux.rules.schema import TransformSpec
+from kernmux.dispatch.rule_model import TransformSpec
 
 
 def parameter_names(op: Op) -> tuple[str, ...]:

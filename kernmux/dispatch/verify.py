@@ -16,7 +16,7 @@ from kernmux.dispatch.outputs import poisoned_outputs
 from kernmux.dispatch.platform import Platform, current_platform
 from kernmux.dispatch.registry import REGISTRY, Registry
 from kernmux.dispatch.transforms import apply_transform
-from kernmux.rules.schema import TransformSpec
+from kernmux.dispatch.rule_model import TransformSpec
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ Environment:
   version's table); a ``-name`` entry removes one, ``none`` installs nothing.
 * ``KERNMUX_LOG_LEVEL`` — level of the ``kernmux`` logger when kernmux sets up its own
   handler in a vLLM process (default ``INFO``).
-* ``KERNMUX_STATS_PATH`` — per-process statistics dump (see :mod:`kernmux.integrations.stats`).
+* ``KERNMUX_STATS_PATH`` — per-process statistics dump (see :mod:`kernmux.stats`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from kernmux.integrations import stats
+from kernmux import stats
 from kernmux.integrations.vllm_hooks import indexer, moe_topk, sparse_mla
 from kernmux.integrations.vllm_hooks.base import HookRuntime, HookSpec
 from kernmux.integrations.vllm_hooks.rebind import Binding, PostImportHooks, rebind_everywhere
@@ -269,7 +269,7 @@ def _check_configuration() -> tuple[str | None, set[str]]:
 
     Returns (problem or None, names of the ops kernmux knows)."""
     try:
-        from kernmux.dispatch.hotpath import default_dispatcher
+        from kernmux.runtime import default_dispatcher
         from kernmux.dispatch.registry import REGISTRY
 
         dispatcher = default_dispatcher()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from kernmux.dispatch.platform import VENDORS
 from kernmux.dispatch.registry import REGISTRY, Registry
 from kernmux.rules.loader import RuleError, load_rule_file, shipped_rule_files
-from kernmux.rules.schema import Between, Compare, Condition, LibVersion, OneOf, Rule
+from kernmux.dispatch.rule_model import Between, Compare, Condition, LibVersion, OneOf, Rule
 
 ARCH_VENDOR_PREFIX = {"cuda": ("sm_",), "rocm": ("gfx",), "cpu": ("cpu",)}
 

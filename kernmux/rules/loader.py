@@ -20,7 +20,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from kernmux.dispatch.platform import PLATFORM_KEYS, VENDORS
 from kernmux.dispatch.registry import REGISTRY, Op, Registry
-from kernmux.rules.schema import (
+from kernmux.dispatch.rule_model import (
     ACTIONS,
     COMPARATORS,
     Action,

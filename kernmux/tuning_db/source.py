@@ -1,6 +1,6 @@
 """The resolver's view of the tuning database: rows in memory, reloaded when it changes.
 
-``open_source(url)`` is what ``kernmux.dispatch.tuning.open_tuning_source`` calls. The
+``open_tuning_source(url)`` is what :mod:`kernmux.runtime` hands the dispatcher. The
 source loads every ok and failed row once (the resolver asks on each dispatch-cache
 miss, so a query per lookup would be too slow), and on a lookup at most once every
 ``check_interval_s`` it asks the database for (row count, max id): rows are only ever
@@ -11,6 +11,7 @@ reloads so a caller caching decisions can tell that they may be stale.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -23,7 +24,7 @@ import sqlalchemy as sa
 from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.tuning import TuningPick
 from kernmux.tuning_db.models import FAILURE_STATUSES, Trial
-from kernmux.tuning_db.paths import default_url, normalize_url, sqlite_path
+from kernmux.tuning_db.paths import default_db_path, default_url, normalize_url, sqlite_path
 from kernmux.tuning_db.store import TuningDBError, TuningStore, bucket_key, choose_best, describe_row
 
 log = logging.getLogger("kernmux")
@@ -159,3 +160,20 @@ def open_source(url: str | None = None, *, check_interval_s: float = CHECK_INTER
         store.close()
         raise
     return source
+
+
+def open_tuning_source(url: str | None) -> tuple[TuningSource | None, str]:
+    """The tuning source for ``url`` (or ``KERNMUX_DB``/the default database if it exists).
+
+    Returns (source or None, a note saying why there is none). Never raises: a missing
+    or broken database means decisions fall through to the next level."""
+    if url is None and not os.environ.get("KERNMUX_DB") and not default_db_path().exists():
+        return None, "no tuning database (set KERNMUX_DB or pass --db)"
+    try:
+        source = open_source(url)
+    except Exception as e:
+        log.warning("kernmux: tuning database unusable: %s", e)
+        return None, f"tuning database unusable: {type(e).__name__}: {e}"
+    if source is None:
+        return None, "tuning database is empty or absent"
+    return source, ""

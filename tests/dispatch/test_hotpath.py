@@ -8,7 +8,7 @@ import torch
 from kernmux.dispatch.hotpath import Dispatcher, make_entry_function
 from kernmux.dispatch.registry import REGISTRY
 from kernmux.rules.loader import parse_rules_text
-from kernmux.rules.schema import RuleSet
+from kernmux.dispatch.rule_model import RuleSet
 from tests.dispatch import toy_ops
 from tests.dispatch.toy_ops import toy_attention
 

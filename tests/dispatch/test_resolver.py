@@ -2,10 +2,9 @@
 
 import pytest
 
-from kernmux.dispatch.registry import REGISTRY
 from kernmux.dispatch.resolver import PRECEDENCE, NoKernelError, parse_force, resolve
 from kernmux.rules.loader import parse_rules_text
-from kernmux.rules.schema import RuleSet
+from kernmux.dispatch.rule_model import RuleSet
 
 FEATS = {"batch": 2, "heads": 16, "keys": 16, "dim": 8, "sink": False, "dtype": "fp32", "device": "cpu"}
 

@@ -5,7 +5,7 @@ import torch
 
 from kernmux.dispatch.registry import REGISTRY
 from kernmux.dispatch.transforms import apply_transform, transformed_head_counts
-from kernmux.rules.schema import TransformSpec
+from kernmux.dispatch.rule_model import TransformSpec
 from tests.dispatch.toy_ops import toy_attention
 
 

@@ -173,7 +173,7 @@ def test_generate_identical_with_and_without_kernmux(runs: dict) -> None:
     assert decisions and all(d["kernel"] == "torch" and d["source"].endswith(f":{RULE_ID}") for d in decisions), decisions
     # register() ran once in every process that loaded the plugin.
     assert all(d["info"]["vllm.register_calls"] == 1 for d in on["dumps"]), [d["info"] for d in on["dumps"]]
-    assert f"-> torch (" in on["log"] and "kernmux: moe_topk_softmax" in on["log"]
+    assert "-> torch (" in on["log"] and "kernmux: moe_topk_softmax" in on["log"]
 
     # Plugins off: kernmux never loaded, so no process wrote statistics.
     assert off["dumps"] == []

@@ -9,7 +9,7 @@ import torch
 
 import kernmux.ops
 from kernmux.dispatch.registry import REGISTRY
-from kernmux.integrations import stats
+from kernmux import stats
 from kernmux.integrations.vllm_hooks import indexer, moe_topk, sparse_mla
 from kernmux.integrations.vllm_hooks.base import HookRuntime
 from kernmux.kernels.indexer_logits.layout import page_layout_base

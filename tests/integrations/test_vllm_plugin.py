@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernmux.ops
-from kernmux.integrations import stats
+from kernmux import stats
 from kernmux.integrations import vllm as plugin
 from kernmux.integrations.vllm_hooks import moe_topk
 from tests.integrations import standin_vllm

@@ -18,7 +18,7 @@ from kernmux.dispatch.verify import verify_kernel
 from kernmux.kernels.indexer_logits import layout
 from kernmux.kernels.indexer_logits.reference import indexer_logits as reference
 from kernmux.kernels.indexer_logits.spec import REL_TOL, compare
-from kernmux.rules.schema import TransformSpec
+from kernmux.dispatch.rule_model import TransformSpec
 
 OP = "indexer_logits"
 FP8 = torch.float8_e4m3fn

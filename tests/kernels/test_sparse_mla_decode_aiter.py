@@ -22,7 +22,7 @@ from kernmux.dispatch.transforms import apply_transform
 from kernmux.kernels.sparse_mla_decode import aiter as adapter
 from kernmux.kernels.sparse_mla_decode.reference import sparse_mla_decode as reference
 from kernmux.rules.loader import load_rules
-from kernmux.rules.schema import TransformSpec
+from kernmux.dispatch.rule_model import TransformSpec
 
 OP = "sparse_mla_decode"
 _STAND_IN = Path(__file__).parent / "stand_ins" / "mla_aiter.py"

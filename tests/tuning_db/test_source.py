@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from kernmux.dispatch.platform import Platform
-from kernmux.dispatch.tuning import TuningPick, open_tuning_source
+from kernmux.dispatch.tuning import TuningPick
+from kernmux.tuning_db.source import open_tuning_source
 from kernmux.tuning_db.source import TuningSource, open_source
 from kernmux.tuning_db.store import TuningStore
 
@@ -138,7 +139,7 @@ def test_resolver_uses_the_fastest_row_and_explains_it(sqlite_url):
     """End to end with the core resolver and the test op ``toy_attention``."""
     from kernmux.dispatch.registry import REGISTRY
     from kernmux.dispatch.resolver import resolve
-    from kernmux.rules.schema import RuleSet
+    from kernmux.dispatch.rule_model import RuleSet
     from kernmux.tuning_db.store import TrialRecord
 
     op = REGISTRY.op("toy_attention")

@@ -115,7 +115,7 @@ def test_worker_that_cannot_import_its_modules_is_an_error():
 def test_launch_bound_problems_prefer_graph_timing():
     """Tiny rooflines are timed by graph replay; large ones by events; CPU never by graphs."""
     from kernmux.dispatch.platform import Platform
-    from kernmux.dispatch.registry import REGISTRY, Roofline
+    from kernmux.dispatch.registry import REGISTRY
     from kernmux.tuning_db.timing import prefers_cuda_graph
 
     h100 = Platform(vendor="cuda", arch="sm_90", device="NVIDIA H100 80GB HBM3", units=132)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kernmux.integrations import stats
+from kernmux import stats
 
 log = logging.getLogger("kernmux")
 

@@ -13,11 +13,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from kernmux.dispatch.platform import Platform
-from kernmux.dispatch.registry import SUPPORTED, HeadAxes, Op, Support, register_kernel, register_op, unsupported
+from kernmux.dispatch.registry import SUPPORTED, Support, register_kernel, register_op, unsupported
 from kernmux.kernels.indexer_logits import spec
 from kernmux.kernels.indexer_logits.reference import indexer_logits as reference
 
-OP = "indexer_logits"
 
 
 def _is_pow2(n: int) -> bool:
@@ -73,24 +72,8 @@ def aiter_config_valid(config: Mapping[str, Any], feats: Mapping[str, Any]) -> b
     return True
 
 
-register_op(
-    Op(
-        name=OP,
-        doc="DeepSeek DSA indexer: paged fp8 MQA logits, sum_h w[i,h] * relu(q[i,h] . k_j * s_j), -inf outside the causal context",
-        reference=reference,
-        feature_specs=spec.FEATURE_SPECS,
-        features=spec.features,
-        validate=spec.validate,
-        make_inputs=spec.make_inputs,
-        compare=spec.compare,
-        fake=spec.fake,
-        bucket=spec.bucket,
-        roofline=spec.roofline,
-        # Padding with zero-weight heads adds exact zeros; chunks of heads sum.
-        head_axes=HeadAxes(inputs={"q": (2, "zero"), "weights": (1, "zero")}, outputs={0: "sum"}, feature="heads"),
-        sweep_defaults=spec.SWEEP_DEFAULTS,
-    )
-)
+OP_SPEC = register_op(spec)
+OP = OP_SPEC.name
 
 register_kernel(
     op=OP,

@@ -15,7 +15,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from kernmux.dispatch.platform import Platform
-from kernmux.dispatch.registry import Comparison, FeatureSpec, Roofline
+from kernmux.dispatch.registry import Comparison, FeatureSpec, HeadAxes, Roofline
+from kernmux.kernels.indexer_logits.reference import indexer_logits as reference  # noqa: F401 - part of the spec
+
+OP_NAME = "indexer_logits"
+DOC = (
+    "DeepSeek DSA indexer: paged fp8 MQA logits, sum_h w[i,h] * relu(q[i,h] . k_j * s_j), "
+    "-inf outside the causal context"
+)
+# Padding with zero-weight heads adds exact zeros; chunks of heads sum.
+HEAD_AXES = HeadAxes(inputs={"q": (2, "zero"), "weights": (1, "zero")}, outputs={0: "sum"}, feature="heads")
 
 REL_TOL = 1e-3
 

@@ -22,7 +22,6 @@ from typing import Any
 from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.registry import (
     SUPPORTED,
-    Op,
     Support,
     register_kernel,
     register_op,
@@ -41,27 +40,10 @@ from kernmux.kernels.moe_topk_softmax.triton_config import (
 )
 from kernmux.kernels.moe_topk_softmax.triton_config import config_valid as triton_config_valid
 
-OP_NAME = "moe_topk_softmax"
+OP_NAME = spec.OP_NAME
 _PKG = "kernmux.kernels.moe_topk_softmax"
 
-OP = register_op(
-    Op(
-        name=OP_NAME,
-        doc="MoE routing: softmax over routed experts (fp32), top-k with ties to the lower "
-        "index, optional renormalisation, shared-expert slots E+s weighted sigmoid(logit).",
-        reference=reference,
-        feature_specs=spec.FEATURE_SPECS,
-        features=spec.features,
-        validate=spec.validate,
-        make_inputs=spec.make_inputs,
-        compare=spec.compare,
-        fake=spec.fake,
-        bucket=spec.bucket,
-        roofline=spec.roofline,
-        head_axes=None,
-        sweep_defaults=spec.SWEEP_DEFAULTS,
-    )
-)
+OP = register_op(spec)
 
 
 # ---------------------------------------------------------------------- supports()

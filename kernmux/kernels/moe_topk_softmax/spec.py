@@ -10,6 +10,13 @@ import torch
 
 from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.registry import Comparison, FeatureSpec, Roofline
+from kernmux.kernels.moe_topk_softmax.reference import moe_topk_softmax as reference  # noqa: F401 - part of the spec
+
+OP_NAME = "moe_topk_softmax"
+DOC = (
+    "MoE routing: softmax over routed experts (fp32), top-k with ties to the lower "
+    "index, optional renormalisation, shared-expert slots E+s weighted sigmoid(logit)."
+)
 
 MAX_SHARED = 8
 

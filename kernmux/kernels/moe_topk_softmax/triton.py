@@ -24,7 +24,7 @@ tile. H100 timings per strategy: benchmarks/results/moe_topk_softmax_summary.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kernmux.dispatch.outputs import empty_output
+from kernmux.kernels.moe_topk_softmax.direct_launch import DirectLauncher, direct_key
 from kernmux.kernels.moe_topk_softmax.triton_config import (
     block_e,
     heuristic_config,
@@ -140,25 +141,17 @@ def _moe_topk_softmax_kernel(
 
 # --------------------------------------------------------------------------- launcher
 #
-# At decode sizes the kernel runs in ~2 us, so an eager call is bound by host work. The
-# generic ``kernel[grid](...)`` path re-binds all 15 arguments, re-derives Triton's
-# specialisation key (a string of the options) and looks the kernel up on every call.
-# The launcher does that once per key below and afterwards calls the compiled kernel's
-# launcher directly (the same call ``JITFunction.run`` ends in, on Triton 3.6 and 3.9).
+# The first call of a specialisation goes through Triton's launcher; later calls of the
+# same key launch the compiled kernel directly (direct_launch.py, the one module that
+# touches Triton internals).
 
 # (tokens class, experts, topk, shared, config items) -> launch parameters.
 _LAUNCH: dict[tuple, tuple[int, int, int, int, int, int]] = {}
-# Everything that can change the compiled kernel or its launch -> (rows, launcher,
-# function handle, packed metadata, the compiled kernel, constexpr values).
-_COMPILED: dict[tuple, tuple[int, Callable[..., Any], Any, Any, Any, tuple]] = {}
+LAUNCHER = DirectLauncher()
 _SELECT = {"packed": 0, "twopass": 1, "bitonic": 2}
 # tl.topk is recent (present in Triton 3.6 and 3.9); without it the heuristic falls back
 # to the two-pass pick and an explicit "bitonic" config is refused.
 _HAS_TOPK = hasattr(tl, "topk")
-_INT32_MAX = 2**31 - 1
-# Lazily bound on the first direct launch: the driver's current device / stream getters
-# (the ones the JIT path uses) and Triton's launch hooks (profilers register there).
-_DRIVER: list[Any] = []
 
 
 def _launch_params(
@@ -184,38 +177,6 @@ def _launch_params(
     return params
 
 
-def _bind_driver() -> tuple[Any, Any, Any]:
-    """The driver's current-device and current-stream getters (the ones the JIT path
-    uses) and Triton's runtime knobs, where launch hooks (profilers) are registered."""
-    if not _DRIVER:
-        active = triton.runtime.driver.active
-        _DRIVER.extend((active.get_current_device, active.get_current_stream, triton.knobs.runtime))
-    return tuple(_DRIVER)
-
-
-def _direct_key(
-    logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, tokens: int, experts: int, topk: int,
-    num_shared: int, renormalize: bool, config: Mapping[str, Any] | None, device_index: int,
-) -> tuple | None:
-    """A key at least as fine as Triton's own specialisation for this kernel: argument
-    dtypes, 16-byte alignment of each pointer, each specialised int (the strides) as
-    == 1 and divisible by 16 (token and expert counts are ``do_not_specialize``), every
-    constexpr (through the inputs of the launch parameters: the heuristic's token class,
-    experts, k, S, renormalise, config) and the current device. None (generic path):
-    ints past int32, which Triton passes as i64."""
-    stride_t, stride_e = logits.stride()
-    if tokens > _INT32_MAX or stride_t > _INT32_MAX or stride_e > _INT32_MAX:
-        return None
-    return (
-        # heuristic_tokens_class(tokens), inlined (tokens >= 1 here): one call less per launch
-        min((tokens - 1).bit_length(), 11), experts, topk, num_shared, renormalize,
-        tuple(config.items()) if config else (), logits.dtype,
-        stride_t == 1, stride_t % 16 == 0, stride_e == 1, stride_e % 16 == 0,
-        logits.data_ptr() % 16 == 0, weights.data_ptr() % 16 == 0, ids.data_ptr() % 16 == 0,
-        device_index,
-    )
-
-
 def moe_topk_softmax(
     gating_logits: torch.Tensor,
     topk: int,
@@ -239,26 +200,18 @@ def moe_topk_softmax(
         return weights, ids
     renormalize = bool(renormalize)
     key = None
-    if device.type != "cpu":  # the interpreter (CPU tests) always takes the generic path
-        get_device, get_stream, knobs = _DRIVER if _DRIVER else _bind_driver()
-        device_index = get_device()
-        key = _direct_key(gating_logits, weights, ids, tokens, experts, topk, num_shared, renormalize, config,
-                          device_index)
-        entry = _COMPILED.get(key) if key is not None else None
-        if entry is not None:
-            rows, run, function, packed, compiled, consts = entry
-            stride_t, stride_e = gating_logits.stride()
-            args = (gating_logits, weights, ids, tokens, experts, stride_t, stride_e, *consts)
-            grid_x = (tokens + rows - 1) // rows
-            stream = get_stream(device_index)
-            enter, leave = knobs.launch_enter_hook, knobs.launch_exit_hook
-            # Hooks are None (older Triton) or a HookChain, empty unless a profiler listens.
-            if getattr(enter, "calls", enter) or getattr(leave, "calls", leave):
-                # hand the hooks what the JIT path would
-                meta = compiled.launch_metadata((grid_x, 1, 1), stream, *args)
-                run(grid_x, 1, 1, stream, function, packed, meta, enter, leave, *args)
-            else:
-                run(grid_x, 1, 1, stream, function, packed, None, None, None, *args)
+    # The interpreter (CPU tests) always takes the generic path.
+    driver = LAUNCHER.driver() if device.type != "cpu" else None
+    if driver is not None:
+        device_index = driver[0]()
+        stride_t, stride_e = gating_logits.stride()
+        key = direct_key(
+            stride_t, stride_e, tokens, experts, topk, num_shared, renormalize, config, gating_logits.dtype,
+            (gating_logits.data_ptr(), weights.data_ptr(), ids.data_ptr()), device_index,
+        )
+        if key is not None and key in LAUNCHER.entries:
+            runtime_args = (gating_logits, weights, ids, tokens, experts, stride_t, stride_e)
+            LAUNCHER.launch(key, tokens, driver[1](device_index), runtime_args)
             return weights, ids
     rows, block, kp, sp, select, warps = _launch_params(tokens, experts, topk, num_shared, config)
     consts = (topk, num_shared, renormalize, rows, block, kp, sp, select)
@@ -280,6 +233,5 @@ def moe_topk_softmax(
         SELECT=select,
         num_warps=warps,
     )
-    if key is not None and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
-        _COMPILED[key] = (rows, compiled.run, compiled.function, compiled.packed_metadata, compiled, consts)
+    LAUNCHER.remember(key, compiled, rows, consts)
     return weights, ids

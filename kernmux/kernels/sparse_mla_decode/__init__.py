@@ -13,17 +13,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from kernmux.dispatch.platform import Platform
-from kernmux.dispatch.registry import SUPPORTED, HeadAxes, Op, Support, register_kernel, register_op, unsupported
+from kernmux.dispatch.registry import SUPPORTED, Support, register_kernel, register_op, unsupported
 from kernmux.kernels.sparse_mla_decode import spec
-from kernmux.kernels.sparse_mla_decode.compare import compare
 from kernmux.kernels.sparse_mla_decode.config import CONFIG_SPACE, DEFAULT_CONFIG, triton_shape_reason
-from kernmux.kernels.sparse_mla_decode.inputs import make_inputs
 from kernmux.kernels.sparse_mla_decode.reference import sparse_mla_decode as reference
 
-OP = "sparse_mla_decode"
-
-# The parity table of seed 003 (TP 2/4/8 of 128 heads x one/two scopes, with/without sink).
-SWEEP_DEFAULTS: dict[str, tuple[Any, ...]] = {"heads": (64, 32, 16), "extra_topk": (0, 512), "sink": (False, True)}
 
 
 def triton_supports(feats: Mapping[str, Any], platform: Platform) -> Support:
@@ -63,24 +57,8 @@ def aiter_probe(platform: Platform) -> Support:
     return unsupported(f"aiter lacks {', '.join(missing)}") if missing else SUPPORTED
 
 
-register_op(
-    Op(
-        name=OP,
-        doc="DeepSeek sparse MLA decode: top-k gathered latent KV (bf16 or fp8 V3.2 layout), optional second scope and attention sink",
-        reference=reference,
-        feature_specs=spec.FEATURE_SPECS,
-        features=spec.features,
-        validate=spec.validate,
-        make_inputs=make_inputs,
-        compare=compare,
-        fake=spec.fake,
-        bucket=spec.bucket,
-        roofline=spec.roofline,
-        # Heads are independent: padding repeats heads; o and lse concatenate on axis 2.
-        head_axes=HeadAxes(inputs={"q": (2, "tile"), "attn_sink": (0, "tile")}, outputs={0: 2, 1: 2}, feature="heads"),
-        sweep_defaults=SWEEP_DEFAULTS,
-    )
-)
+OP_SPEC = register_op(spec)
+OP = OP_SPEC.name
 
 register_kernel(
     op=OP,

@@ -145,7 +145,7 @@ def transform_rows(base: Mapping[str, Any], *, device: str = "cpu", seed: int = 
 
     from kernmux.dispatch.registry import REGISTRY
     from kernmux.dispatch.transforms import apply_transform
-    from kernmux.rules.schema import TransformSpec
+    from kernmux.dispatch.rule_model import TransformSpec
 
     op = REGISTRY.op(OP)
     rows = []

@@ -8,8 +8,21 @@ from typing import Any, Optional
 import torch
 
 from kernmux.dispatch.platform import Platform
-from kernmux.dispatch.registry import FeatureSpec, Roofline
+from kernmux.dispatch.registry import FeatureSpec, HeadAxes, Roofline
+from kernmux.kernels.sparse_mla_decode.compare import compare  # noqa: F401 - part of the spec
 from kernmux.kernels.sparse_mla_decode.fp8 import TILE, fp8_row_bytes
+from kernmux.kernels.sparse_mla_decode.inputs import make_inputs  # noqa: F401 - part of the spec
+from kernmux.kernels.sparse_mla_decode.reference import sparse_mla_decode as reference  # noqa: F401 - part of the spec
+
+OP_NAME = "sparse_mla_decode"
+DOC = (
+    "DeepSeek sparse MLA decode: top-k gathered latent KV (bf16 or fp8 V3.2 layout), "
+    "optional second scope and attention sink"
+)
+# Heads are independent: padding repeats heads; o and lse concatenate on axis 2.
+HEAD_AXES = HeadAxes(inputs={"q": (2, "tile"), "attn_sink": (0, "tile")}, outputs={0: 2, 1: 2}, feature="heads")
+# The parity table of seed 003 (TP 2/4/8 of 128 heads x one/two scopes, with/without sink).
+SWEEP_DEFAULTS: dict[str, tuple[Any, ...]] = {"heads": (64, 32, 16), "extra_topk": (0, 512), "sink": (False, True)}
 
 FEATURE_SPECS: tuple[FeatureSpec, ...] = (
     FeatureSpec("batch", "int", "decode requests B", 4, minimum=1),

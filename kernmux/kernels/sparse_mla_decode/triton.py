@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 
 from kernmux.dispatch.outputs import empty_output
+from kernmux.kernels.sparse_mla_decode.triton_common import _dot, _finish_row, _softmax_step
+from kernmux.kernels.sparse_mla_decode.triton_wide import _sparse_mla_decode_wide_kernel
 from kernmux.kernels.sparse_mla_decode.config import (
     DEFAULT_CONFIG,
     LAYOUT_SPLIT_S,
@@ -71,27 +73,6 @@ def _load_tile(row_ptr, valid, col0, DT: tl.constexpr, IS_FP8: tl.constexpr, FP8
 def _load_scale(row_ptr, valid, tile: tl.constexpr, D_V: tl.constexpr):
     """fp32 scale of latent tile ``tile`` of each gathered fp8 row [N] (0 where invalid)."""
     return tl.load((row_ptr + D_V).to(tl.pointer_type(tl.float32)) + tile, mask=valid, other=0.0)
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
-    """a @ b + acc in fp32. UPCAST (interpreter only): the Triton 3.9 interpreter
-    computes bf16 x bf16 dots on the raw bits, so its operands go in as fp32."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _softmax_step(s, m_i, l_i):
-    """One online-softmax step over scores s [H, N] (base 2, -inf where invalid):
-    (new max, rescale of the old sums, probabilities, new sums)."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    # A head that has seen no valid slot yet keeps m = -inf: shift by 0 instead.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
@@ -179,20 +160,6 @@ def _attend(
             acc3 = _dot(pb, k3, acc3 * alpha[:, None], UPCAST)
         m_i = m_new
     return acc0, acc1, acc2, acc3, m_i, l_i
-
-
-@triton.jit
-def _finish_row(o, lse2, sink_ptr, offs_h, h_mask, HAS_SINK: tl.constexpr):
-    """(o [H, DT] already normalised, base-2 lse [H]) -> sink-scaled o, natural lse,
-    with rows that saw no valid slot set to o = 0, lse = +inf."""
-    empty = lse2 == float("-inf")
-    lse = lse2 * 0.6931471805599453
-    if HAS_SINK:
-        sink = tl.load(sink_ptr + offs_h, mask=h_mask, other=0.0)
-        o = o * (1.0 / (1.0 + tl.exp(sink - lse)))[:, None]
-    o = tl.where(empty[:, None], 0.0, o)
-    lse = tl.where(empty, float("inf"), lse)
-    return o, lse
 
 
 @triton.jit
@@ -432,8 +399,6 @@ def sparse_mla_decode_triton(
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if cfg["LAYOUT"] == LAYOUT_WIDE:
-        from kernmux.kernels.sparse_mla_decode.triton_wide import _sparse_mla_decode_wide_kernel
-
         _sparse_mla_decode_wide_kernel[grid](*args, **common)
     else:
         split_s = cfg["LAYOUT"] == LAYOUT_SPLIT_S

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernmux.kernels.sparse_mla_decode.triton import _dot, _finish_row, _softmax_step
+from kernmux.kernels.sparse_mla_decode.triton_common import _dot, _finish_row, _softmax_step
 
 @triton.jit
 def _load_rows(row_ptr, valid, N: tl.constexpr, D_V: tl.constexpr, IS_FP8: tl.constexpr):

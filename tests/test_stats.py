@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kernmux.integrations import stats
+from kernmux import stats
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +54,7 @@ def test_no_path_no_dump(monkeypatch):
 
 def test_each_process_dumps_at_exit(tmp_path):
     code = (
-        "from kernmux.integrations import stats\n"
+        "from kernmux import stats\n"
         "stats.set_info('who', 'child')\n"
         "stats.record_call('moe_topk_softmax')\n"
         "stats.record_call('moe_topk_softmax')\n"

@@ -1,4 +1,4 @@
-"""Rule objects: frozen, validated, matched against (features, platform).
+"""The rule model: frozen, validated rules matched against (features, platform).
 
 A rule is "when <conditions> then <one action>". Conditions are on platform keys
 (vendor, arch, device, units), library versions (PEP 440 specifiers; None = not

@@ -1,0 +1,116 @@
+"""The composition root: wires rules, the tuning source and statistics into dispatchers.
+
+The core (:mod:`kernmux.dispatch`) opens nothing itself; this module is the one place
+that turns the environment into the objects it is handed:
+
+- rules: the ``--rules`` files, then ``KERNMUX_RULES``, then the shipped files
+  (:func:`kernmux.rules.loader.load_rules`), loaded on first use;
+- tuning: the database at ``--db`` / ``KERNMUX_DB`` / the default SQLite file, opened on
+  first use (:func:`kernmux.tuning_db.source.open_tuning_source`); a missing database or
+  missing database extra is a note in explain, never an error;
+- statistics: one INFO log line per new decision and, when ``KERNMUX_STATS_PATH`` is set,
+  per-call counters (:mod:`kernmux.stats`).
+
+``kernmux.ops``, the CLI and the vLLM plugin all get their dispatcher here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kernmux.dispatch.hotpath import Dispatcher, feature_key
+from kernmux.dispatch.platform import Platform
+from kernmux.dispatch.registry import REGISTRY, Registry
+from kernmux.dispatch.resolver import Decision
+
+_DEFAULT: Dispatcher | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def rules_factory(rule_files: Sequence[str] = (), registry: Registry = REGISTRY) -> Callable[[], Any]:
+    """A factory loading ``rule_files`` + ``KERNMUX_RULES`` + shipped rules when called."""
+
+    def load() -> Any:
+        from kernmux.rules.loader import load_rules
+
+        return load_rules(tuple(rule_files), registry=registry)
+
+    return load
+
+
+def tuning_factory(db_url: str | None = None) -> Callable[[], tuple[Any, str]]:
+    """A factory opening the tuning source at ``db_url`` (None: ``KERNMUX_DB`` or the
+    default database) when called; returns (source or None, why there is none)."""
+
+    def open_() -> tuple[Any, str]:
+        try:
+            from kernmux.tuning_db.source import open_tuning_source
+        except ImportError as e:
+            return None, f"tuning database support not installed ({e.name}); pip install 'kernmux[tuning]'"
+        return open_tuning_source(db_url)
+
+    return open_
+
+
+def make_dispatcher(
+    *,
+    platform: Platform | None = None,
+    rule_files: Sequence[str] = (),
+    db_url: str | None = None,
+    use_tuning_db: bool = True,
+    registry: Registry = REGISTRY,
+    report: bool = False,
+) -> Dispatcher:
+    """A dispatcher over the configured rules and tuning database.
+
+    report: log each new decision and keep it for the statistics dump (the process-wide
+    dispatcher does; what-if dispatchers of ``explain`` do not)."""
+    return Dispatcher(
+        registry=registry,
+        platform=platform,
+        rules=rules_factory(rule_files, registry),
+        tuning=tuning_factory(db_url) if use_tuning_db else None,
+        listeners=(report_decision,) if report else (),
+    )
+
+
+def default_dispatcher() -> Dispatcher:
+    """The process-wide dispatcher (rules from KERNMUX_RULES + shipped, DB from KERNMUX_DB)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        with _DEFAULT_LOCK:
+            if _DEFAULT is None:
+                _DEFAULT = make_dispatcher(report=True)
+    return _DEFAULT
+
+
+def reset_default_dispatcher() -> None:
+    """Forget the process-wide dispatcher (tests; after changing rules or the database)."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        _DEFAULT = None
+
+
+def report_decision(decision: Decision) -> None:
+    """One INFO log line per new decision, kept for the stats dump (KERNMUX_STATS_PATH)."""
+    from kernmux.stats import record_dispatch
+
+    kernel = decision.kernel + (f"+{decision.transform.text()}" if decision.transform else "")
+    source = decision.source
+    if decision.rule:
+        source += f":{decision.rule}"
+    elif decision.row_id is not None:
+        source += f":row {decision.row_id}"
+    record_dispatch(decision.op, feature_key(decision.features), kernel, source)
+
+
+def call_counter() -> Callable[[str], None] | None:
+    """Per-call counter when KERNMUX_STATS_PATH is set (zero cost otherwise)."""
+    if not os.environ.get("KERNMUX_STATS_PATH"):
+        return None
+    from kernmux.stats import record_call
+
+    return record_call
