@@ -1,4 +1,10 @@
-"""Test-wide setup: Triton runs in its interpreter when there is no GPU."""
+"""Test-wide setup: the device the suite runs on, and isolation from the user's setup.
+
+The suite runs on whatever device is present: with a CUDA GPU, kernels are tested on it
+(fixture ``device`` = "cuda") and tests marked ``gpu`` run; without one, Triton runs in
+its interpreter on CPU tensors (``TRITON_INTERPRET=1``, set before triton is imported)
+and ``gpu`` tests are skipped with that reason.
+"""
 
 import os
 
@@ -7,13 +13,30 @@ import pytest
 try:
     import torch
 
-    _HAS_CUDA = torch.cuda.is_available()
+    HAS_CUDA = torch.cuda.is_available()
 except ImportError:  # pragma: no cover - torch is a test requirement
-    _HAS_CUDA = False
+    HAS_CUDA = False
 
-if not _HAS_CUDA:
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+if not HAS_CUDA:
     # Must be set before triton is imported anywhere.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (runs in the GPU suite: benchmarks/results/gpu_test_run_*.txt)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """"cuda" when a GPU is present, else "cpu" (Triton then runs in its interpreter)."""
+    return DEVICE
 
 
 @pytest.fixture(autouse=True)
