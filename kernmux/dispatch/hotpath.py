@@ -1,13 +1,17 @@
 """The hot path: ``kernmux.ops.<op>(...)`` -> raw key -> one dict lookup -> cached callable.
 
 For each op a small Python function with the reference's exact signature is generated
-once. Its body builds a raw key from argument shapes/dtypes/devices and scalar values,
-looks it up, and calls the cached callable. Everything else (validation, features,
-rules, tuning database, transforms) happens on a miss, off the hot path.
+once. Its body builds a raw key, looks it up, and calls the cached callable. Everything
+else (validation, features, rules, tuning database, transforms) happens on a miss, off
+the hot path. The raw key holds everything validation and the kernels depend on: per
+tensor its shape, strides, dtype and device; int, bool and str arguments by value; float
+arguments by type only (a scale that changes every call must not add a cache entry).
+The cache is bounded (:data:`MAX_CACHED_KEYS`).
 
-If the chosen kernel raises, the dispatcher logs once, marks (kernel, feature key)
-failed, resolves again (the next survivor) and calls it, so the caller still gets a
-correct result.
+If the chosen kernel raises, the next survivor is tried on the same call. Only when
+another kernel then succeeds is the first marked failed for that feature key (logged
+once); when the next survivor fails the same way, the call was bad, not the kernel: the
+caller gets the original error and nothing is marked.
 """
 
 from __future__ import annotations
@@ -97,9 +101,16 @@ class Dispatcher:
                     self._tuning_opened = True
         return self._tuning or None
 
-    def decide(self, op_name: str, features: Mapping[str, Any]) -> Decision:
-        """The (cached) decision for ``features``."""
+    def decide(
+        self, op_name: str, features: Mapping[str, Any], *, exclude: Mapping[str, BaseException] | None = None
+    ) -> Decision:
+        """The (cached) decision for ``features``. With ``exclude`` (kernels that raised on
+        the call in hand) a tentative decision without them, neither cached nor reported."""
         key = (op_name, feature_key(features))
+        if exclude:
+            failed = {**self.failed.get(key, {}), **{k: f"{type(e).__name__}: {e}" for k, e in exclude.items()}}
+            return resolve(op_name, features, self.platform, self.rules, tuning=self.tuning, failed=failed,
+                           registry=self.registry)
         decision = self._decisions.get(key)
         if decision is None:
             with self._lock:
@@ -165,6 +176,11 @@ def _with_note(decision: Decision, note: str) -> Decision:
 # --------------------------------------------------------------------------- entries
 
 
+# Raw keys cached per op; past this the cache starts over (an engine sweeping many
+# shapes re-resolves; decisions themselves stay cached in the dispatcher).
+MAX_CACHED_KEYS = 4096
+
+
 class OpEntry:
     """Miss handling and runtime fallback for one op (the generated function's helpers)."""
 
@@ -180,37 +196,63 @@ class OpEntry:
     def miss(self, raw_key: Any, *args: Any) -> Any:
         self.op.validate(*args)
         features = self.op.features(*args)
-        return self._call(raw_key, features, self.dispatcher.decide(self.op.name, features), args)
-
-    def fail(self, raw_key: Any, fn: Callable[..., Any], error: Exception, *args: Any) -> Any:
-        """The chosen kernel raised: log once, mark it failed for this key, call the next."""
-        features, decision = self.keyinfo[raw_key]
-        fkey = feature_key(features)
-        if (decision.kernel, fkey) not in self._warned:
-            self._warned.add((decision.kernel, fkey))
-            log.warning(
-                "kernmux: %s kernel %r raised %s: %s; marking it failed for %s and falling back",
-                self.op.name, decision.kernel, type(error).__name__, error,
-                ", ".join(f"{k}={v}" for k, v in features.items()),
-            )
-        self.dispatcher.mark_failed(self.op.name, features, decision.kernel, error)
-        self.cache.pop(raw_key, None)
-        try:
-            next_decision = self.dispatcher.decide(self.op.name, features)
-        except NoKernelError as e:
-            raise e from error
-        return self._call(raw_key, features, next_decision, args)
-
-    def _call(self, raw_key: Any, features: dict[str, Any], decision: Decision, args: tuple) -> Any:
-        """Build the decision's callable, call it, and cache it once it has worked."""
+        decision = self.dispatcher.decide(self.op.name, features)
         fn = self.dispatcher.build(decision)
-        self.keyinfo[raw_key] = (features, decision)
         try:
             out = fn(*args)
         except Exception as error:
-            return self.fail(raw_key, fn, error, *args)
-        self.cache[raw_key] = fn
+            return self._recover(raw_key, features, decision, error, args)
+        self._remember(raw_key, features, decision, fn)
         return out
+
+    def fail(self, raw_key: Any, fn: Callable[..., Any], error: Exception, *args: Any) -> Any:
+        """The cached kernel raised on a hit: try the others (see the module docstring)."""
+        info = self.keyinfo.get(raw_key)
+        if info is None:  # the cache was reset meanwhile: treat it as a miss
+            raise error
+        return self._recover(raw_key, info[0], info[1], error, args)
+
+    def _recover(self, raw_key: Any, features: dict[str, Any], decision: Decision, error: Exception, args: tuple) -> Any:
+        """``decision.kernel`` raised ``error``: call the next survivors in order. The first
+        success marks the kernels that raised before it failed and is cached; a survivor
+        failing with the same exception type means the call itself is bad: re-raise the
+        original error, mark nothing."""
+        raised = {decision.kernel: error}
+        while True:
+            try:
+                nxt = self.dispatcher.decide(self.op.name, features, exclude=raised)
+            except NoKernelError:
+                raise error from None
+            fn = self.dispatcher.build(nxt)
+            try:
+                out = fn(*args)
+            except Exception as again:
+                if type(again) is type(error):
+                    raise error from None
+                raised[nxt.kernel] = again
+                continue
+            for kernel, exc in raised.items():
+                self._warn(kernel, features, exc, nxt.kernel)
+                self.dispatcher.mark_failed(self.op.name, features, kernel, exc)
+            self._remember(raw_key, features, self.dispatcher.decide(self.op.name, features), fn)
+            return out
+
+    def _warn(self, kernel: str, features: Mapping[str, Any], error: BaseException, used: str) -> None:
+        fkey = feature_key(features)
+        if (kernel, fkey) not in self._warned:
+            self._warned.add((kernel, fkey))
+            log.warning(
+                "kernmux: %s kernel %r raised %s: %s; %r succeeded on the same call, so %r is marked failed for %s",
+                self.op.name, kernel, type(error).__name__, error, used, kernel,
+                ", ".join(f"{k}={v}" for k, v in features.items()),
+            )
+
+    def _remember(self, raw_key: Any, features: dict[str, Any], decision: Decision, fn: Callable[..., Any]) -> None:
+        if len(self.cache) >= MAX_CACHED_KEYS:
+            self.cache.clear()
+            self.keyinfo.clear()
+        self.keyinfo[raw_key] = (features, decision)
+        self.cache[raw_key] = fn
 
 
 def _is_optional_tensor(hint: Any) -> bool:
@@ -218,10 +260,14 @@ def _is_optional_tensor(hint: Any) -> bool:
 
 
 def _key_expr(name: str, hint: Any) -> str:
+    """The raw-key part of one argument (see the module docstring)."""
+    tensor = f"{name}.shape, {name}.stride(), {name}.dtype, {name}.get_device()"
     if hint is torch.Tensor:
-        return f"{name}.shape, {name}.dtype, {name}.device"
+        return tensor
     if _is_optional_tensor(hint):
-        return f"None if {name} is None else ({name}.shape, {name}.dtype, {name}.device)"
+        return f"None if {name} is None else ({tensor})"
+    if hint is float:
+        return f"{name}.__class__"
     return name
 
 
