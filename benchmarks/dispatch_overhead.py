@@ -3,13 +3,18 @@
 Same process, same inputs, interleaved blocks: each round times a block of calls
 through kernmux and a block of direct calls to the callable the dispatcher cached for
 that key; the added cost is the median over rounds of (kernmux - direct) per call.
-Two subjects:
+Three kinds of subject:
 
-- ``noop``: a benchmark-only op whose kernel returns its input, so the difference is
-  the dispatch path alone (raw key, dict lookup, try/except, call indirection);
-- a real op (default ``moe_topk_softmax``) on the current device.
+- ``noop``: a benchmark-only op (one tensor, one int) whose kernel returns its input: the
+  dispatch path alone (raw key, dict lookup, try/except, call indirection);
+- ``<op> path``: a real op's entry function and real arguments, with the cached kernel
+  replaced by a no-op: what dispatch costs for that op's signature (its raw key covers
+  every tensor's shape, strides, dtype and device), free of the kernel's own run-time
+  noise;
+- ``<op>``: the real op end to end against its chosen kernel called directly (on CPU the
+  kernel's own variance can exceed the dispatch cost; the ``path`` row is the figure).
 
-Usage: python benchmarks/dispatch_overhead.py [--op NAME] [--rounds N] [--block N] [--out DIR]
+Usage: python benchmarks/dispatch_overhead.py [--ops A,B] [--rounds N] [--block N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ def chosen_callable(entry_fn, args):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--op", default="moe_topk_softmax")
+    parser.add_argument("--ops", default="moe_topk_softmax,sparse_mla_decode,indexer_logits")
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--block", type=int, default=200)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -120,15 +125,29 @@ def main() -> int:
     direct = chosen_callable(noop, (x, 1))
     rows.append({"subject": "noop", "kernel": "identity", "device": device, **measure_pair(noop, direct, (x, 1), rounds=args.rounds, block=args.block, device=device)})
 
-    if args.op in [op.name for op in REGISTRY.all_ops()]:
-        op = REGISTRY.op(args.op)
+    from kernmux.dispatch.hotpath import make_entry_function
+    from kernmux.runtime import default_dispatcher
+
+    for name in [n for n in args.ops.split(",") if n]:
+        op = REGISTRY.op(name)
         feats = op.default_features(device)
         inputs = op.positional(*op.make_inputs(feats, device, 0))  # called positionally here
-        entry = getattr(kernmux.ops, args.op)
+        entry = getattr(kernmux.ops, name)
         direct = chosen_callable(entry, inputs)
         decision = next(iter(entry.kernmux_entry.keyinfo.values()))[1]
+        # The same signature's entry function with a no-op in its cache: dispatch alone.
+        path = make_entry_function(op, default_dispatcher())
+        path(*inputs)
+        key = next(iter(path.kernmux_entry.cache))
+        first = inputs[0]
+        path.kernmux_entry.cache[key] = lambda *a: first
         rows.append({
-            "subject": args.op, "kernel": decision.kernel, "features": feats, "device": device,
+            "subject": f"{name} path", "kernel": "no-op", "features": feats, "device": device,
+            "tensor_args": sum(isinstance(a, torch.Tensor) for a in inputs),
+            **measure_pair(path, lambda *a: first, inputs, rounds=args.rounds, block=args.block, device=device),
+        })
+        rows.append({
+            "subject": name, "kernel": decision.kernel, "features": feats, "device": device,
             **measure_pair(entry, direct, inputs, rounds=max(20, args.rounds // 4), block=max(20, args.block // 4), device=device),
         })
 

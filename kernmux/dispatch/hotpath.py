@@ -29,6 +29,7 @@ from kernmux.dispatch.platform import Platform, current_platform
 from kernmux.dispatch.registry import REGISTRY, Op, Registry
 from kernmux.dispatch.resolver import Decision, NoKernelError, resolve
 from kernmux.dispatch.rule_model import RuleSet
+from kernmux.dispatch.selfcheck import SelfCheck
 from kernmux.dispatch.transforms import apply_transform
 from kernmux.dispatch.tuning import TuningSource
 
@@ -52,6 +53,8 @@ class Dispatcher:
         process that never dispatches never reads rule files).
     tuning: a tuning source, None (no tuning level), or a :data:`TuningFactory`.
     listeners: called with each new decision (statistics, logging).
+    selfcheck: checks a chosen kernel against the reference before its first use
+        (:mod:`kernmux.dispatch.selfcheck`); None: no checks.
     :mod:`kernmux.runtime` builds the process-wide dispatcher from the environment."""
 
     def __init__(
@@ -62,10 +65,14 @@ class Dispatcher:
         rules: RuleSet | Callable[[], RuleSet] = RuleSet(),
         tuning: TuningSource | TuningFactory | None = None,
         listeners: Sequence[Callable[[Decision], None]] = (),
+        selfcheck: SelfCheck | None = None,
     ) -> None:
         self.registry = registry
         self._platform = platform
         self._rules: Any = rules
+        self.selfcheck = selfcheck
+        # (op, bucket) -> kernel -> why its self-check failed there.
+        self.check_failed: dict[tuple[str, str], dict[str, str]] = {}
         self._tuning: Any = tuning
         self._tuning_opened = not _is_factory(tuning)
         self._tuning_note = ""
@@ -114,15 +121,7 @@ class Dispatcher:
         decision = self._decisions.get(key)
         if decision is None:
             with self._lock:
-                decision = resolve(
-                    op_name,
-                    features,
-                    self.platform,
-                    self.rules,
-                    tuning=self.tuning,
-                    failed=self.failed.get(key),
-                    registry=self.registry,
-                )
+                decision = self._resolve_checked(op_name, features, key)
                 if self._tuning_note and not any("tuning" in n for n in decision.notes):
                     decision = _with_note(decision, self._tuning_note)
                 self._forget_if_tuning_changed()
@@ -130,6 +129,21 @@ class Dispatcher:
             for listener in self.listeners:
                 listener(decision)
         return decision
+
+    def _resolve_checked(self, op_name: str, features: Mapping[str, Any], key: tuple) -> Decision:
+        """Resolve, then self-check the choice; a failing kernel is dropped for the bucket
+        and the next survivor is resolved and checked in turn."""
+        bucket_id = (op_name, feature_key(self.registry.op(op_name).bucket(features)))
+        while True:
+            failed = {**self.check_failed.get(bucket_id, {}), **self.failed.get(key, {})}
+            decision = resolve(op_name, features, self.platform, self.rules, tuning=self.tuning,
+                               failed=failed, registry=self.registry)
+            if self.selfcheck is None:
+                return decision
+            verdict, note = self.selfcheck.verdict(decision, self.registry, self.platform)
+            if verdict is None or verdict.passed:
+                return _with_note(decision, note) if note else decision
+            self.check_failed.setdefault(bucket_id, {})[decision.kernel] = verdict.text()
 
     def _forget_if_tuning_changed(self) -> None:
         """On a miss, if the tuning source reloaded since the last miss, drop cached

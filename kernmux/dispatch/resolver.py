@@ -290,7 +290,9 @@ def resolve(
         elif name in denied:
             statuses[name] = Candidate(name, "denied", denied[name])
         elif name in failed:
-            statuses[name] = Candidate(name, "failed", f"raised at runtime for this problem: {failed[name]}")
+            why = failed[name]
+            why = why if why.startswith("self-check") else f"raised at runtime for this problem: {why}"
+            statuses[name] = Candidate(name, "failed", why)
         else:
             transform = adapt.get(name, ({}, TransformSpec(), []))[1]
             support = _supports_transformed(op, kernel, features, platform, transform)
