@@ -58,8 +58,8 @@ def auto_config(tokens: int, n: int, k: int, units: int = 132, interpret: bool =
     tile dequantized on the way: 128x128 tiles, 8 warps, grouped ordering. Under the
     interpreter small tiles keep tests fast."""
     if interpret:
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "SPLIT_K": 2 if k >= 512 and tokens <= 16 else 1,
-                "num_warps": 4, "num_stages": 2, "MODE": MODE_DOT_SCALED}
+        return {"BLOCK_M": 16, "BLOCK_N": 16 if n <= 16 else 32, "BLOCK_K": 64, "GROUP_M": 1,
+                "SPLIT_K": 2 if k >= 512 and tokens <= 16 else 1, "num_warps": 4, "num_stages": 2, "MODE": MODE_DOT_SCALED}
     if tokens <= 16:
         block_m, block_n, block_k, warps, stages = 16, 64 if n >= 4096 else 32, 256, 4, 4
     elif tokens <= 64:
@@ -68,6 +68,9 @@ def auto_config(tokens: int, n: int, k: int, units: int = 132, interpret: bool =
         block_m, block_n, block_k, warps, stages = 64, 128, 128, 4, 4
     else:
         block_m, block_n, block_k, warps, stages = 128, 128, 128, 8, 3
+    # Never a tile wider than the problem (rounded up to a power of two).
+    block_n = min(block_n, max(16, _pow2_ceil(n)))
+    block_k = min(block_k, max(64, _pow2_ceil(k)))
     split = 1
     if tokens <= SPLIT_K_MAX_TOKENS:
         programs = _cdiv(tokens, block_m) * _cdiv(n, block_n)
