@@ -35,6 +35,8 @@ are checked against.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 BLOCK = 32  # values per E8M0 scale
@@ -61,6 +63,12 @@ def e8m0_table(device: torch.device | str = "cpu") -> torch.Tensor:
     table = torch.ldexp(torch.ones(256, dtype=torch.float64), exps.to(torch.int64)).to(torch.float32)
     table[E8M0_NAN] = float("nan")
     return table.to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached (E2M1, E8M0) tables per device (private: never handed out for writing)."""
+    return e2m1_table(device), e8m0_table(device)
 
 
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
@@ -90,8 +98,9 @@ def dequantize_mxfp4(w: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype 
         raise TypeError(f"w_scale must be uint8 (E8M0), got {w_scale.dtype}")
     if tuple(w_scale.shape) != (rows, k // BLOCK):
         raise ValueError(f"w_scale must be [N, K/32] = [{rows}, {k // BLOCK}], got {list(w_scale.shape)}")
-    values = e2m1_table(w.device)[unpack_e2m1(w)]
-    scales = e8m0_table(w.device)[w_scale.to(torch.int64)]
+    e2m1, e8m0 = _tables(str(w.device))
+    values = e2m1[unpack_e2m1(w)]
+    scales = e8m0[w_scale.to(torch.int64)]
     out = values.view(rows, k // BLOCK, BLOCK) * scales[..., None]
     return out.view(rows, k).to(dtype)
 
