@@ -252,3 +252,12 @@ def test_config_valid_prunes():
     assert "SPLIT_K=4 > K blocks" in config_problem({"SPLIT_K": 4, "BLOCK_K": 64}, small)
     kernel = REGISTRY.kernels_of(OP)["triton"]
     assert kernel.config_valid({"BLOCK_M": 16}, small) and not kernel.config_valid({"BLOCK_M": 128}, small)
+
+
+def test_traces_as_one_custom_op_with_its_fake():
+    f, (x, w, s, b) = inputs(tokens=3, n=40, k=96, bias=True)
+    compiled = torch.compile(lambda *a: kernmux.ops.mxfp4_linear(*a), backend="eager", fullgraph=True)
+    got = compiled(x, w, s, b)
+    assert got.shape == (3, 40) and spec.compare(got, reference(x, w, s, b), f).passed
+    fake = spec.fake(x.to("meta"), w.to("meta"), s.to("meta"), None)
+    assert fake.shape == (3, 40) and fake.dtype == torch.bfloat16
