@@ -226,9 +226,17 @@ def timing_rows(device: str, shapes, tokens_list, quick: bool, ceilings: dict) -
 # --------------------------------------------------------------------------- summary
 
 
+def _reference_class(kernel: str) -> bool:
+    kernels = REGISTRY.kernels_of(OP)
+    return kernel not in kernels or kernels[kernel].precision == REGISTRY.op(OP).precision
+
+
 def _best(rows, n, k, tokens, kernel=None, exclude=("cublas_bf16",)):
+    """The fastest row for one problem: of ``kernel``, or of every kernmux kernel of the
+    op's reference class (a W4A4 kernel is not a choice unless a rule allows it)."""
     pick = [r for r in rows if r["kind"] == "timing" and r["status"] == "ok" and r["features"]["n"] == n and r["features"]["k"] == k
-            and r["features"]["tokens"] == tokens and (r["kernel"] == kernel if kernel else r["kernel"] not in exclude)]
+            and r["features"]["tokens"] == tokens
+            and (r["kernel"] == kernel if kernel else r["kernel"] not in exclude and _reference_class(r["kernel"]))]
     return min(pick, key=lambda r: r["p50_us"]) if pick else None
 
 
