@@ -261,3 +261,15 @@ def test_traces_as_one_custom_op_with_its_fake():
     assert got.shape == (3, 40) and spec.compare(got, reference(x, w, s, b), f).passed
     fake = spec.fake(x.to("meta"), w.to("meta"), s.to("meta"), None)
     assert fake.shape == (3, 40) and fake.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 16, 256, 4096])
+@pytest.mark.parametrize("n, k", [(1536, 7168), (2880, 4096)])
+def test_gpu_auto_configs_compile_and_match_at_benchmark_shapes(tokens, n, k):
+    """The shape heuristic's tiles (shared memory, dot_scaled on this GPU) at real sizes,
+    and the dequantize-in-registers mode at the same tiles."""
+    f = feats(tokens=tokens, n=n, k=k, device="cuda")
+    for config in ({}, {"MODE": MODE_DEQUANT}):
+        result = verify_kernel(OP, "triton", f, seed=tokens, config=config)
+        assert result.status == "pass", (config, result.detail, result.metrics)
