@@ -8,7 +8,7 @@ Kernels (registration imports none of triton, aiter or vllm):
 
 - ``torch``: the reference (float32 dequantize + matmul);
 - ``dequant_cublas``: dequantize the whole weight (Triton on NVIDIA, PyTorch elsewhere),
-  then ``F.linear`` -- strong at prefill;
+  then ``F.linear`` (one extra pass over the weight per call, then a dense GEMM);
 - ``triton``: kernmux's fused W4A16 GEMM (weights dequantized per tile, split-K for few
   rows) -- reads ~4x fewer bytes than bf16 at decode;
 - ``aiter``: AITER ``gemm_afp4wfp4`` + ``dynamic_mxfp4_quant`` on gfx950/gfx1250,
