@@ -3,9 +3,9 @@
 
 The dequantization is a Triton kernel on NVIDIA GPUs (``triton_dequant.py``) and PyTorch
 elsewhere (``config["dequant"]``: "auto", "triton" or "torch"; the interpreter tests use
-"triton" on CPU). Every call dequantizes again: this is the baseline that reads the
-weight twice and writes it once at 2 bytes per value -- fine when the GEMM dominates
-(prefill), 4-8x the weight traffic of a fused kernel at decode.
+"triton" on CPU). Every call dequantizes again: 0.53 bytes read and 2 written per
+weight value, then 2 read by the GEMM -- about 8.5x the weight traffic of a fused
+kernel (0.53 bytes per value), which matters at decode and less as M grows.
 
 For fp16 activations the weight is dequantized to fp16: values beyond fp16's range
 (|w| > 65504) become inf, as in any fp16 GEMM on such weights.
