@@ -58,6 +58,14 @@ def run(args) -> int:
     return 0
 
 
+def _precision_text(decision) -> str:
+    """The chosen kernel's precision class, and how it relates to the op's reference."""
+    if decision.precision == decision.reference_precision:
+        return f"{decision.precision} (the op's reference class)"
+    allowed = f"; allowed by rule {decision.precision_rule}" if decision.precision_rule else ""
+    return f"{decision.precision} (coarser than the op's reference class {decision.reference_precision}{allowed})"
+
+
 def render(decision) -> str:
     lines = [f"op:        {decision.op}", f"features:  {format_features(decision.features)}"]
     plat = decision.platform
@@ -69,6 +77,7 @@ def render(decision) -> str:
     if decision.config:
         extra.append(f"config {dict(decision.config)}")
     lines.append(f"kernel:    {decision.kernel}" + (f"  ({'; '.join(extra)})" if extra else ""))
+    lines.append(f"precision: {_precision_text(decision)}")
     lines.append(f"source:    {decision.source}: {decision.detail}")
     if decision.rules:
         lines.append("rules matching:")
@@ -77,8 +86,9 @@ def render(decision) -> str:
         lines.append("rules matching: none")
     lines.append("candidates:")
     width = max(len(c.kernel) for c in decision.candidates)
+    pwidth = max(len(c.precision) for c in decision.candidates)
     for c in decision.candidates:
-        lines.append(f"  {c.kernel.ljust(width)}  {c.status:<11}  {c.reason}".rstrip())
+        lines.append(f"  {c.kernel.ljust(width)}  {c.status:<11}  {c.precision.ljust(pwidth)}  {c.reason}".rstrip())
     if decision.fallbacks:
         lines.append(f"fallbacks: {', '.join(decision.fallbacks)}")
     for note in decision.notes:

@@ -115,6 +115,28 @@ class Comparison:
     detail: str = ""
 
 
+# The precision class of an op whose reference is the only semantics it admits.
+EXACT = "exact"
+
+
+@dataclass(frozen=True)
+class PrecisionClass:
+    """A coarser semantics than the op's reference that some kernels compute (e.g. W4A4:
+    activations quantized too). A kernel of this class is a candidate only where a rule
+    allows the class for the op (``allow_precision``).
+
+    reference: the class's own semantics, same signature as the op's reference (e.g. the
+        reference with activations quantized the way the kernel quantizes them); kernels
+        of the class are checked against it. None: the op's reference.
+    compare: the tolerance against that reference; None: the op's compare.
+    """
+
+    name: str
+    doc: str
+    reference: Callable[..., Any] | None = None
+    compare: Callable[[Any, Any, Mapping[str, Any]], Comparison] | None = None
+
+
 @dataclass(frozen=True)
 class Op:
     """An operation with one canonical signature and a PyTorch reference.
@@ -130,6 +152,9 @@ class Op:
     fake(*args, **kwargs): outputs with the right shapes/dtypes (torch.compile meta).
     bucket(features) -> dict: the tuning-database bucket (coarser than features).
     roofline(features, platform) -> Roofline.
+    precision: the class name of the reference's own semantics ("exact", or e.g. "W4A16").
+    precision_classes: other classes kernels may declare, by name, each with the
+        reference and tolerance its kernels are checked against.
     """
 
     name: str
@@ -146,6 +171,31 @@ class Op:
     head_axes: HeadAxes | None = None
     # Features that may be swept in verify/bench by default (CLI convenience).
     sweep_defaults: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    precision: str = EXACT
+    precision_classes: Mapping[str, PrecisionClass] = field(default_factory=dict)
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """Every precision class a kernel of this op may declare, the reference's first."""
+        return (self.precision, *self.precision_classes)
+
+    def _precision_class(self, precision: str | None) -> PrecisionClass | None:
+        if precision is None or precision == self.precision:
+            return None
+        try:
+            return self.precision_classes[precision]
+        except KeyError:
+            raise ValueError(f"op {self.name!r} has no precision class {precision!r}; classes: {', '.join(self.precisions)}") from None
+
+    def reference_for(self, precision: str | None) -> Callable[..., Any]:
+        """The semantics a kernel of class ``precision`` is checked against."""
+        cls = self._precision_class(precision)
+        return self.reference if cls is None or cls.reference is None else cls.reference
+
+    def compare_for(self, precision: str | None) -> Callable[[Any, Any, Mapping[str, Any]], Comparison]:
+        """The tolerance for a kernel of class ``precision`` (against ``reference_for``)."""
+        cls = self._precision_class(precision)
+        return self.compare if cls is None or cls.compare is None else cls.compare
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -175,7 +225,9 @@ class Op:
         The module (``kernels/<op>/spec.py``) defines ``OP_NAME``, ``reference``,
         ``FEATURE_SPECS``, ``features``, ``validate``, ``make_inputs``, ``compare``,
         ``fake``, ``bucket`` and ``roofline``; optionally ``DOC`` (default: the
-        reference's docstring), ``HEAD_AXES`` and ``SWEEP_DEFAULTS``."""
+        reference's docstring), ``HEAD_AXES``, ``SWEEP_DEFAULTS``, ``PRECISION`` (the
+        reference's class name, default "exact") and ``PRECISION_CLASSES`` (a sequence
+        of :class:`PrecisionClass`)."""
         where = getattr(spec, "__name__", repr(spec))
         missing = [name for name in SPEC_REQUIRED if not hasattr(spec, name)]
         if missing:
@@ -195,6 +247,8 @@ class Op:
             roofline=spec.roofline,
             head_axes=getattr(spec, "HEAD_AXES", None),
             sweep_defaults=dict(getattr(spec, "SWEEP_DEFAULTS", {})),
+            precision=getattr(spec, "PRECISION", EXACT),
+            precision_classes={cls.name: cls for cls in getattr(spec, "PRECISION_CLASSES", ())},
         )
 
     def default_features(self, device: str = "cpu") -> dict[str, Any]:
@@ -240,6 +294,8 @@ class Kernel:
     probe: optional callable(platform) -> Support run only for the real platform, to
         check what metadata cannot (e.g. a compiled extension exposes the function).
     priority: higher wins when nothing else decides.
+    precision: the precision class it computes (None: the op's reference class); any
+        other class makes it a candidate only where a rule allows that class.
     """
 
     op: str
@@ -256,6 +312,7 @@ class Kernel:
     doc: str = ""
     # Test-only kernels are hidden from ``kernmux ops`` and shipped-rule validation.
     test_only: bool = False
+    precision: str | None = None
 
     def availability(self, platform: Platform) -> Support:
         """Libraries present and in range, vendor matches, probe passes (real platform only)."""
@@ -362,6 +419,14 @@ class Registry:
         with self._lock:
             if kernel.op not in self.ops:
                 raise ValueError(f"kernel {kernel.name!r} registered for unknown op {kernel.op!r}")
+            op = self.ops[kernel.op]
+            if kernel.precision is None:
+                kernel = dataclasses.replace(kernel, precision=op.precision)
+            elif kernel.precision not in op.precisions:
+                raise ValueError(
+                    f"kernel {kernel.op}/{kernel.name} declares precision {kernel.precision!r}; "
+                    f"{kernel.op} declares {', '.join(op.precisions)}"
+                )
             existing = self.kernels[kernel.op].get(kernel.name)
             if existing is not None and existing != kernel:
                 raise ValueError(f"kernel {kernel.op}/{kernel.name} registered twice")

@@ -2,8 +2,9 @@
 
 The precedence is written once, as the table :data:`PRECEDENCE`; the explain trace
 walks the same table. Filters apply first and always: a kernel must be available on the
-platform, not denied by a matching rule, not marked failed for this key, and must
-support the (possibly transformed) problem.
+platform, not denied by a matching rule, not marked failed for this key, of the op's
+reference precision class or a class a matching ``allow_precision`` rule admits, and
+must support the (possibly transformed) problem.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ class Candidate:
     kernel: str
     status: str
     reason: str = ""
+    precision: str = ""  # the kernel's precision class
 
     def as_dict(self) -> dict[str, str]:
-        return {"kernel": self.kernel, "status": self.status, "reason": self.reason}
+        return {"kernel": self.kernel, "status": self.status, "reason": self.reason, "precision": self.precision}
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,17 @@ class Decision:
     platform: Platform
     rule: str | None = None
     row_id: Any = None
+    precision: str = ""  # the chosen kernel's precision class
+    reference_precision: str = ""  # the op's reference class
+    precision_rule: str | None = None  # the allow_precision rule admitting a coarser class
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "op": self.op,
             "kernel": self.kernel,
+            "precision": self.precision,
+            "reference_precision": self.reference_precision,
+            "precision_rule": self.precision_rule,
             "config": dict(self.config),
             "transform": self.transform.as_dict() or None,
             "source": self.source,
@@ -249,6 +257,17 @@ def _adaptations(matching: Sequence[Rule], features: Mapping[str, Any]) -> dict[
     return out
 
 
+def _allowed_precisions(op: Op, matching: Sequence[Rule]) -> dict[str, str]:
+    """precision class -> id of the first matching rule that allows it (the op's
+    reference class is always allowed)."""
+    allowed = {op.precision: ""}
+    for rule in matching:
+        if rule.action.kind == "allow_precision":
+            for precision in rule.action.precisions:
+                allowed.setdefault(precision, rule.id)
+    return allowed
+
+
 def _by_status(candidates) -> tuple[Candidate, ...]:
     return tuple(sorted(candidates, key=lambda c: (STATUSES.index(c.status), c.kernel)))
 
@@ -280,27 +299,38 @@ def resolve(
             for kernel in rule.action.kernels:
                 denied.setdefault(kernel, f"denied by rule {rule.id}: {rule.reason}")
 
+    allowed_precisions = _allowed_precisions(op, matching)
+
     statuses: dict[str, Candidate] = {}
     survivors: dict[str, Support] = {}
     for name in sorted(kernels):
         kernel = kernels[name]
+        precision = kernel.precision or op.precision
         available = kernel.availability(platform)
         if not available.ok:
-            statuses[name] = Candidate(name, "unavailable", available.reason)
+            statuses[name] = Candidate(name, "unavailable", available.reason, precision)
         elif name in denied:
-            statuses[name] = Candidate(name, "denied", denied[name])
+            statuses[name] = Candidate(name, "denied", denied[name], precision)
         elif name in failed:
             why = failed[name]
             why = why if why.startswith("self-check") else f"raised at runtime for this problem: {why}"
-            statuses[name] = Candidate(name, "failed", why)
+            statuses[name] = Candidate(name, "failed", why, precision)
+        elif precision not in allowed_precisions:
+            reason = (f"precision {precision} not allowed for {op_name} (reference class {op.precision}): "
+                      f"add a rule with allow_precision: [{precision}]")
+            statuses[name] = Candidate(name, "denied", reason, precision)
         else:
             transform = adapt.get(name, ({}, TransformSpec(), []))[1]
             support = _supports_transformed(op, kernel, features, platform, transform)
             if support.ok:
                 survivors[name] = support
-                statuses[name] = Candidate(name, "allowed", support.reason)
+                reason = support.reason
+                if allowed_precisions[precision]:
+                    note = f"precision {precision} allowed by rule {allowed_precisions[precision]}"
+                    reason = f"{reason}; {note}" if reason else note
+                statuses[name] = Candidate(name, "allowed", reason, precision)
             else:
-                statuses[name] = Candidate(name, "unsupported", support.reason)
+                statuses[name] = Candidate(name, "unsupported", support.reason, precision)
 
     if not survivors:
         raise NoKernelError(op_name, features, _by_status(statuses.values()))
@@ -330,7 +360,8 @@ def resolve(
         (name for name in survivors if name != choice.kernel),
         key=lambda n: (prefer.index(n) if n in prefer else len(prefer), -kernels[n].priority, n),
     )
-    statuses[choice.kernel] = Candidate(choice.kernel, "chosen", statuses[choice.kernel].reason)
+    chosen = statuses[choice.kernel]
+    statuses[choice.kernel] = Candidate(choice.kernel, "chosen", chosen.reason, chosen.precision)
     candidates = _by_status(statuses.values())
     return Decision(
         op=op_name,
@@ -347,4 +378,7 @@ def resolve(
         platform=platform,
         rule=choice.rule,
         row_id=choice.row_id,
+        precision=chosen.precision,
+        reference_precision=op.precision,
+        precision_rule=allowed_precisions.get(chosen.precision) or None,
     )

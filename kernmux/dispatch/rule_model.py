@@ -17,7 +17,7 @@ from packaging.version import InvalidVersion, Version
 
 from kernmux.dispatch.platform import Platform
 
-ACTIONS = ("use", "prefer", "deny", "adapt")
+ACTIONS = ("use", "prefer", "deny", "adapt", "allow_precision")
 COMPARATORS = ("<=", ">=", "!=", "<", ">")  # two-character ones first when parsing
 
 
@@ -167,13 +167,17 @@ class TransformSpec:
 
 @dataclass(frozen=True)
 class Action:
-    """kind: use | prefer | deny | adapt. ``kernels``: one for use/adapt, several for
-    prefer/deny. ``config`` values may be ``"$feature"`` (the feature's value)."""
+    """kind: use | prefer | deny | adapt | allow_precision. ``kernels``: one for
+    use/adapt, several for prefer/deny, none for allow_precision. ``config`` values may
+    be ``"$feature"`` (the feature's value). ``precisions``: the precision classes an
+    allow_precision rule admits (kernels of other classes than the op's reference are
+    candidates only where such a rule matches)."""
 
     kind: str
     kernels: tuple[str, ...]
     config: Mapping[str, Any] = field(default_factory=dict)
     transform: TransformSpec = TransformSpec()
+    precisions: tuple[str, ...] = ()
 
     def resolved_config(self, features: Mapping[str, Any]) -> dict[str, Any]:
         out = {}
@@ -213,6 +217,8 @@ class Rule:
                 extras.append(f"config={dict(action.config)}")
             if extras:
                 what += f" ({'; '.join(extras)})"
+        elif action.kind == "allow_precision":
+            what = "[" + ", ".join(action.precisions) + "]"
         else:
             what = "[" + ", ".join(action.kernels) + "]"
         return f"{self.id}: {action.kind} {what}"

@@ -96,7 +96,8 @@ def verify_kernel(
     args, kwargs = op.make_inputs(feats, device, seed)
     ref_args = tuple(_clone(a) for a in args)
     ref_kwargs = {k: _clone(v) for k, v in kwargs.items()}
-    expected = op.reference(*ref_args, **ref_kwargs)
+    # A kernel of a coarser precision class is judged against its class's semantics.
+    expected = op.reference_for(kernel.precision)(*ref_args, **ref_kwargs)
     try:
         fn = apply_transform(kernel.bind(config), op, transform) if transform else kernel.bind(config)
         positional = op.positional(args, kwargs)
@@ -105,7 +106,7 @@ def verify_kernel(
         _synchronize(device)
     except Exception as e:
         return VerifyResult(status="error", detail=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - start, **base)
-    comparison = op.compare(got, expected, feats)
+    comparison = op.compare_for(kernel.precision)(got, expected, feats)
     return VerifyResult(
         status="pass" if comparison.passed else "fail",
         metrics=dict(comparison.metrics),

@@ -230,6 +230,8 @@ def _parse_action(ctx: _Ctx, op: Op, kind: str, fields: dict) -> Action:
     key_node, node = fields[kind]
     config: dict[str, Any] = {}
     transform: dict[str, int] = {}
+    if kind == "allow_precision":
+        return _parse_allow_precision(ctx, op, fields)
     if kind in ("prefer", "deny"):
         for extra in ("config", *TRANSFORM_KEYS):
             if extra in fields:
@@ -270,6 +272,28 @@ def _parse_action(ctx: _Ctx, op: Op, kind: str, fields: dict) -> Action:
     if transform and op.head_axes is None:
         raise ctx.fail(key_node, f"op {op.name!r} declares no head axis, so split_heads/pad_heads cannot apply")
     return Action(kind, (kernel,), config, TransformSpec(**transform))
+
+
+def _parse_allow_precision(ctx: _Ctx, op: Op, fields: dict) -> Action:
+    """``allow_precision: W4A4`` or ``[W4A4, ...]``: classes the op declares, not its
+    reference class (always allowed)."""
+    for extra in ("config", *TRANSFORM_KEYS):
+        if extra in fields:
+            raise ctx.fail(fields[extra][0], f"{extra!r} is only allowed with 'use' or 'adapt', not with 'allow_precision'")
+    node = fields["allow_precision"][1]
+    items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    if not items or not all(isinstance(item, yaml.ScalarNode) for item in items):
+        raise ctx.fail(node, "'allow_precision' expects a precision class name or a non-empty list of them")
+    precisions = []
+    for item in items:
+        name = ctx.value(item)
+        if name == op.precision:
+            raise ctx.fail(item, f"{name!r} is the reference class of {op.name!r}, always allowed; name a coarser class ({', '.join(op.precision_classes) or 'none declared'})")
+        if not isinstance(name, str) or name not in op.precision_classes:
+            declared = ", ".join(op.precision_classes) or f"none: every kernel of {op.name} computes its reference class {op.precision!r}"
+            raise ctx.fail(item, f"unknown precision class {name!r} for op {op.name!r}; declared classes: {declared}")
+        precisions.append(name)
+    return Action("allow_precision", (), precisions=tuple(precisions))
 
 
 def _parse_when(ctx: _Ctx, op: Op, node: yaml.Node) -> tuple[Condition, ...]:

@@ -219,11 +219,11 @@ def _gate_and_time(spec: TrialSpec, op: Any, kernel: Kernel, config: dict, platf
     args, kwargs = op.make_inputs(spec.features, spec.device, spec.seed)
     # The reference sees copies: a kernel (or reference) that writes into its inputs
     # must not make the other one look right.
-    reference = op.reference(*_cloned(args), **_cloned(kwargs))
+    reference = op.reference_for(kernel.precision)(*_cloned(args), **_cloned(kwargs))
     with poisoned_outputs():
         outputs = fn(*args, **kwargs)
     _synchronize(spec.device)
-    comparison = op.compare(outputs, reference, spec.features)
+    comparison = op.compare_for(kernel.precision)(outputs, reference, spec.features)
     metrics = json_safe(comparison.metrics)
     if not comparison.passed:
         return base_record(
