@@ -11,7 +11,7 @@ environment row) and ``indexer_logits_<tag>.md`` (summary against the issue's go
 Parity follows ``kernmux verify``: fresh inputs per case from the op's ``make_inputs``,
 outputs poisoned before the call, ``op.compare`` as the judge. Every timed config is
 also compared with the torch output on the timed inputs before it is timed. Timing:
-``kernmux.tuning_db.timing.measure`` (CUDA events, L2 flushed before each repetition),
+``kernmux.tuning_db.measurement.timing.measure`` (CUDA events, L2 flushed before each repetition),
 all requests at the full context, pages scattered over the cache in random order.
 Roofline: the op's ``roofline`` bytes over the measured copy ceiling (notes/performance.md).
 """
@@ -36,7 +36,7 @@ from kernmux.dispatch.registry import REGISTRY  # noqa: E402
 from kernmux.kernels.indexer_logits import OP  # noqa: E402  (registers the op)
 from kernmux.kernels.indexer_logits.layout import split_page_layout  # noqa: E402
 from kernmux.kernels.indexer_logits.reference import indexer_logits as reference  # noqa: E402
-from kernmux.tuning_db.timing import environment_row, measure  # noqa: E402
+from kernmux.tuning_db.measurement.timing import environment_row, measure  # noqa: E402
 
 COPY_CEILING_TBS = 2.96  # H100 device-to-device copy, notes/performance.md
 MATMUL_CEILING_TFLOPS = 699.0  # bf16 8192^3, same source

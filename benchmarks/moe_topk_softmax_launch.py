@@ -295,7 +295,7 @@ def phase_ratio(device: str, env: dict, warmup_ms: float, rep_ms: float) -> list
 
     from kernmux.kernels.moe_topk_softmax.triton import moe_topk_softmax
     from kernmux.kernels.moe_topk_softmax.triton_config import heuristic_config
-    from kernmux.tuning_db.timing import measure
+    from kernmux.tuning_db.measurement.timing import measure
 
     rows = []
     gen = torch.Generator(device=device).manual_seed(1234)
@@ -405,7 +405,7 @@ def main() -> int:
     start = time.time()
     try:
         bench._load_registry()
-        from kernmux.tuning_db.timing import environment_row
+        from kernmux.tuning_db.measurement.timing import environment_row
 
         env = environment_row()
         if not args.skip_parity:

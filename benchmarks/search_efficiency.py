@@ -117,7 +117,7 @@ def _us(value: float | None) -> str:
 
 
 def _point_from_key(key: str) -> Any:
-    from kernmux.tuning_db.search import Point
+    from kernmux.tuning_db.tuning.search import Point
 
     kernel, config = json.loads(key)
     return Point.of(kernel, config)
@@ -135,8 +135,8 @@ def run_grid(op: str, kernel: str, features: dict, *, warmup_ms: float, rep_ms: 
 
     from kernmux.dispatch.platform import current_platform
     from kernmux.dispatch.registry import REGISTRY
-    from kernmux.tuning_db.search import build_space
-    from kernmux.tuning_db.timing import environment_row, measure
+    from kernmux.tuning_db.measurement.timing import environment_row, measure
+    from kernmux.tuning_db.tuning.search import build_space
 
     platform = current_platform()
     device = "cuda" if features["device"] == "cuda" else "cpu"
@@ -191,7 +191,7 @@ def run_grid(op: str, kernel: str, features: dict, *, warmup_ms: float, rep_ms: 
 
 
 def run_live(grid: dict[str, Any], *, seed: int, url: str, timeout_s: float) -> dict[str, Any]:
-    from kernmux.tuning_db.tuner import TuneSettings, tune
+    from kernmux.tuning_db.tuning.tuner import TuneSettings, tune
 
     budget = max(1, int(math.floor(BUDGET_FRACTION * grid["points"])))
     settings = TuneSettings(op=grid["op"], kernels=(grid["kernel"],), trials=budget, sampler="tpe", seed=seed,
@@ -223,7 +223,7 @@ def replay(grid: dict[str, Any], seeds: list[int], sampler: str) -> dict[str, An
     """Drive the tuner's search loop over the measured table; curves of best-so-far."""
     import optuna
 
-    from kernmux.tuning_db.search import Evaluation, SearchSpace, make_sampler, run_search
+    from kernmux.tuning_db.tuning.search import Evaluation, SearchSpace, make_sampler, run_search
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     table = _table(grid)

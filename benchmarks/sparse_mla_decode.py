@@ -7,7 +7,7 @@
 2. Timings: B in {1, 8, 32, 128} x h_q in {16, 64, 128}, topk 2048, one scope and two
    scopes (+512), bf16 and fp8 KV; the torch reference and the Triton kernel under each
    candidate config (best reported, all recorded), with the shared timing routine
-   ``kernmux.tuning_db.timing.measure`` in two modes: CUDA-graph replay over rotating
+   ``kernmux.tuning_db.measurement.timing.measure`` in two modes: CUDA-graph replay over rotating
    input sets (each replay touches 4x the L2, so no call finds its rows cached) and eager
    calls with an L2 flush before each (host launch overhead included).
    Achieved TB/s and TFLOP/s use the op's roofline bytes/FLOPs; the floor uses the
@@ -163,7 +163,7 @@ def _timed(fn_for, sets, device: str, rep_ms: float, graph: bool):
     """Time ``fn_for(args, kwargs)`` with the shared routine. graph: one CUDA graph holds
     one call per input set (cold L2 for each), per-call time = replay / sets. Otherwise
     the first set alone, L2 flushed before each call (host launch overhead included)."""
-    from kernmux.tuning_db.timing import measure
+    from kernmux.tuning_db.measurement.timing import measure
 
     if not graph or device != "cuda":
         args, kwargs = sets[0]
@@ -184,8 +184,8 @@ def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_
     from kernmux.dispatch.registry import REGISTRY
     from kernmux.kernels.sparse_mla_decode.reference import sparse_mla_decode as reference
     from kernmux.kernels.sparse_mla_decode.triton import sparse_mla_decode_triton
-    from kernmux.tuning_db.ceilings import ceilings_for
-    from kernmux.tuning_db.timing import environment_row
+    from kernmux.tuning_db.measurement.ceilings import ceilings_for
+    from kernmux.tuning_db.measurement.timing import environment_row
 
     op = REGISTRY.op(OP)
     env = environment_row()
@@ -362,7 +362,7 @@ def summary_markdown(rows: list[dict], parity: dict, shapes: list[dict]) -> str:
         "# sparse_mla_decode on " + str(env.get("gpu")),
         "",
         f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, {env.get('date')}. "
-        "All timings through `kernmux.tuning_db.timing.measure`. **graph**: one CUDA graph holding one call per "
+        "All timings through `kernmux.tuning_db.measurement.timing.measure`. **graph**: one CUDA graph holding one call per "
         "input set, the sets rotating so that a replay touches >= 200 MB (4x L2), per-call = replay / sets. "
         "**eager**: one call per repetition with L2 flushed before it (CUDA events; host launch overhead included "
         "when the GPU work is shorter than it). "

@@ -37,8 +37,8 @@ def run(args) -> int:
     import torch
 
     from kernmux.dispatch.platform import current_platform
-    from kernmux.tuning_db.bench import bench
-    from kernmux.tuning_db.timing import environment_row
+    from kernmux.tuning_db.measurement.bench import bench
+    from kernmux.tuning_db.measurement.timing import environment_row
 
     try:
         op = get_op(args.op)

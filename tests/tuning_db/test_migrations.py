@@ -8,10 +8,12 @@ import datetime as dt
 import pytest
 import sqlalchemy as sa
 
-from kernmux.tuning_db import migrations
-from kernmux.tuning_db.models import Base, is_kernmux_table
-from kernmux.tuning_db.source import open_source
-from kernmux.tuning_db.store import SchemaMismatchError, TuningStore, content_hash
+from kernmux.tuning_db.storage import migrations
+from kernmux.tuning_db.storage.errors import SchemaMismatchError
+from kernmux.tuning_db.storage.models import Base, is_kernmux_table
+from kernmux.tuning_db.storage.records import content_hash
+from kernmux.tuning_db.storage.source import open_source
+from kernmux.tuning_db.storage.store import TuningStore
 
 FIRST = "0001_initial"
 
@@ -39,7 +41,7 @@ def _insert_first_schema_row(url: str) -> dict:
         metrics={"max_abs_err": 0.0}, error=None, libs={"torch": "2.9.0", "triton": "3.5.0"},
         study="old-study", trial_number=3, created_at=dt.datetime(2026, 1, 2, 3, 4, 5, 678901),
     )
-    from kernmux.tuning_db.store import TrialRecord
+    from kernmux.tuning_db.storage.records import TrialRecord
 
     record = TrialRecord(**{k: v for k, v in values.items() if k != "bucket_key"})
     values["content_hash"] = content_hash(record)

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from kernmux.tuning_db.timing import measure
+from kernmux.tuning_db.measurement.timing import measure
 
 
 def test_cpu_quantiles_are_ordered_and_plausible():

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from kernmux.dispatch.registry import Roofline
-from kernmux.tuning_db.bench import bench
-from kernmux.tuning_db.ceilings import ceilings_for
-from kernmux.tuning_db.search import Point, SearchSpace, restrict
+from kernmux.tuning_db.measurement.bench import bench
+from kernmux.tuning_db.measurement.ceilings import ceilings_for
+from kernmux.tuning_db.tuning.search import Point, SearchSpace, restrict
 from tests.tuning_db import fault_kernels
 
 OP = fault_kernels.OP

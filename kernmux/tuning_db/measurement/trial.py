@@ -3,11 +3,11 @@
 A trial draws fresh inputs with ``op.make_inputs`` (seeded), runs the op's reference,
 runs the kernel with poisoned outputs (an element it forgets to write is NaN / int-min),
 and judges the outputs with ``op.compare`` — the numerics gate. Only a kernel that
-passes is timed, with the one timing routine (:func:`kernmux.tuning_db.timing.measure`).
-Every outcome is a :class:`~kernmux.tuning_db.store.TrialRecord`; an exception is a
+passes is timed, with the one timing routine (:func:`kernmux.tuning_db.measurement.timing.measure`).
+Every outcome is a :class:`~kernmux.tuning_db.storage.records.TrialRecord`; an exception is a
 result (status ``error``), never the end of a sweep.
 
-This module runs a trial in the calling process; :mod:`kernmux.tuning_db.worker` runs
+This module runs a trial in the calling process; :mod:`kernmux.tuning_db.measurement.worker` runs
 it in a subprocess so that a kernel that aborts, hangs or poisons the CUDA context
 costs one trial.
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 from kernmux.dispatch.platform import Platform, current_platform
 from kernmux.dispatch.registry import REGISTRY, Kernel
-from kernmux.tuning_db.store import TrialRecord, relevant_libs
+from kernmux.tuning_db.storage.records import TrialRecord, relevant_libs
 
 # Errors are stored as text; a traceback tail is enough to find the line.
 _MAX_ERROR_CHARS = 2000
@@ -213,7 +213,7 @@ def run_trial(spec: TrialSpec, platform: Platform | None = None) -> TrialRecord:
 
 def _gate_and_time(spec: TrialSpec, op: Any, kernel: Kernel, config: dict, platform: Platform) -> TrialRecord:
     from kernmux.dispatch.outputs import poisoned_outputs
-    from kernmux.tuning_db.timing import measure, prefers_cuda_graph
+    from kernmux.tuning_db.measurement.timing import measure, prefers_cuda_graph
 
     fn = kernel.bind(config)
     args, kwargs = op.make_inputs(spec.features, spec.device, spec.seed)

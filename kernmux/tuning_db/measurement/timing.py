@@ -217,7 +217,7 @@ def prefers_cuda_graph(op, features, platform, ceiling=None) -> bool:
     conservative stand-in for "a modern datacenter GPU"."""
     if features.get("device", "cpu") == "cpu":
         return False
-    from kernmux.tuning_db.ceilings import MEASURED, ceilings_for
+    from kernmux.tuning_db.measurement.ceilings import MEASURED, ceilings_for
 
     ceiling = ceiling or ceilings_for(platform.device) or MEASURED[0]
     return ceiling.floor_us(op.roofline(features, platform)) < LAUNCH_BOUND_FLOOR_US

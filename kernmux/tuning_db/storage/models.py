@@ -16,9 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-STATUSES = ("ok", "numerics_failed", "crashed", "timeout", "error", "unsupported")
-# Statuses that mean "this kernel/config gave a wrong answer or did not finish".
-FAILURE_STATUSES = ("numerics_failed", "crashed", "timeout", "error")
+from kernmux.tuning_db.storage.records import STATUSES
 
 TABLE_PREFIX = "kernmux_"
 VERSION_TABLE = "kernmux_alembic_version"
@@ -67,7 +65,7 @@ class Trial(Base):
     Rows are only ever inserted: re-measuring adds a row, "best" is a query.
     ``bucket_key`` is the canonical JSON of ``bucket`` (sorted keys, no spaces) so that
     lookups compare one indexed string. ``content_hash`` identifies the row's content
-    (see :func:`kernmux.tuning_db.store.content_hash`) and makes merges idempotent.
+    (see :func:`kernmux.tuning_db.storage.records.content_hash`) and makes merges idempotent.
     """
 
     __tablename__ = "kernmux_trials"

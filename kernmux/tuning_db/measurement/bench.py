@@ -1,10 +1,10 @@
 """Side-by-side timings of an op's kernels, with the fraction of roofline reached.
 
-Each (feature set, kernel) is one trial (:func:`kernmux.tuning_db.trial.run_trial`):
+Each (feature set, kernel) is one trial (:func:`kernmux.tuning_db.measurement.trial.run_trial`):
 fresh inputs, the numerics gate, then the shared timing routine — so a wrong kernel
 shows as ``numerics_failed`` instead of a fast time. The roofline floor is
 ``op.roofline(features, platform)`` over the measured ceilings of this GPU
-(:mod:`kernmux.tuning_db.ceilings`); without measured ceilings no fraction is given.
+(:mod:`kernmux.tuning_db.measurement.ceilings`); without measured ceilings no fraction is given.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from kernmux.dispatch.platform import Platform, current_platform
 from kernmux.dispatch.registry import REGISTRY
-from kernmux.tuning_db.ceilings import Ceilings, ceilings_for
+from kernmux.tuning_db.measurement.ceilings import Ceilings, ceilings_for
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ def bench(
     platform: Platform | None = None,
 ) -> tuple[list[BenchRow], Ceilings | None]:
     """Time every kernel on every feature set; returns rows and the ceilings used."""
-    from kernmux.tuning_db.trial import TrialSpec
-    from kernmux.tuning_db.worker import InProcessRunner, TrialWorker
+    from kernmux.tuning_db.measurement.trial import TrialSpec
+    from kernmux.tuning_db.measurement.worker import InProcessRunner, TrialWorker
 
     platform = platform or current_platform()
     the_op = REGISTRY.op(op)
