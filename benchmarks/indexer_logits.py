@@ -8,9 +8,10 @@ Run on the GPU machine (kernmux need not be installed):
 Writes ``indexer_logits_<tag>.json`` (one row per parity case / timing, each with the
 environment row) and ``indexer_logits_<tag>.md`` (summary against the issue's goals).
 
-Parity follows ``kernmux verify``: fresh inputs per case from the op's ``make_inputs``,
-outputs poisoned before the call, ``op.compare`` as the judge. Every timed config is
-also compared with the torch output on the timed inputs before it is timed. Timing:
+Parity is the one numerics check of ``kernmux verify`` (``kernmux.dispatch.numerics``):
+fresh inputs per case from the op's ``make_inputs``, outputs poisoned before the call,
+``op.compare`` as the judge. Every timed config is also checked (``check_call``) against
+the torch output on the timed inputs before it is timed. Timing:
 ``kernmux.tuning_db.measurement.timing.measure`` (CUDA events, L2 flushed before each repetition),
 all requests at the full context, pages scattered over the cache in random order.
 Roofline: the op's ``roofline`` bytes over the measured copy ceiling (notes/performance.md).
@@ -31,7 +32,7 @@ if os.environ.get("INDEXER_BENCH_SMOKE") == "1" or "--smoke" in sys.argv:
 
 import torch  # noqa: E402
 
-from kernmux.dispatch.outputs import poisoned_outputs  # noqa: E402
+from kernmux.dispatch.numerics import check_call, check_numerics  # noqa: E402
 from kernmux.dispatch.registry import REGISTRY  # noqa: E402
 from kernmux.kernels.indexer_logits import OP  # noqa: E402  (registers the op)
 from kernmux.kernels.indexer_logits.layout import split_page_layout  # noqa: E402
@@ -137,20 +138,14 @@ def full_config(config: dict | None) -> dict:
 
 
 def parity_case(feats: dict, seed: int, config: dict) -> dict:
-    """One verify-style check: fresh inputs, poisoned output, op.compare."""
+    """One verify check: fresh inputs, poisoned output, op.compare (a failure is a result)."""
     op = REGISTRY.ops[OP]
-    args, _ = op.make_inputs(feats, feats["device"], seed)
-    expected = reference(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    kernel = REGISTRY.kernels_of(OP)["triton"]
     row = {"kind": "parity", "kernel": "triton", "features": feats, "config": full_config(config), "seed": seed}
-    try:
-        with poisoned_outputs():
-            got = triton_fn()(*args, config=full_config(config))
-        if feats["device"] == "cuda":
-            torch.cuda.synchronize()
-    except Exception as e:  # a failure is a result
-        return {**row, "status": "error", "detail": f"{type(e).__name__}: {e}"[:500]}
-    result = op.compare(got, expected, feats)
-    return {**row, "status": "pass" if result.passed else "fail", "metrics": dict(result.metrics), "detail": result.detail}
+    result = check_numerics(op, kernel, feats, seed=seed, config=config)
+    if result.status == "error":
+        return {**row, "status": "error", "detail": result.detail[:500]}
+    return {**row, "status": result.status, "metrics": dict(result.metrics), "detail": result.detail}
 
 
 def parity_grid(device: str, smoke: bool) -> list[dict]:
@@ -231,13 +226,13 @@ def timing_rows(device: str, smoke: bool, deadline: float, focus: bool = False) 
             fn = triton_fn()
             cfg = full_config(config)
             try:
-                with poisoned_outputs():
-                    got = fn(*args, config=cfg)
-                check = op.compare(got, expected, feats)
+                check = check_call(op, lambda *a, fn=fn, cfg=cfg: fn(*a, config=cfg), args, feats, expected=expected)
+                if check.status == "error":
+                    raise check.error
                 if not check.passed:
                     rows.append({**row, "status": "numerics_failed", "metrics": dict(check.metrics), "detail": check.detail})
                     continue
-                t = measure(lambda: fn(*args, config=cfg), device=device, **timing)
+                t = measure(check.call, device=device, **timing)
             except Exception as e:
                 rows.append({**row, "status": "error", "detail": f"{type(e).__name__}: {e}"[:500]})
                 continue

@@ -81,35 +81,25 @@ def _gate_shard(args: tuple) -> list[dict[str, Any]]:
     """Child of the compile pool: one input set, then each point once (compiles it) and
     through the numerics gate (poisoned outputs, ``op.compare`` against the reference)."""
     op_name, points, features, device, seed = args
-    from kernmux.dispatch.outputs import poisoned_outputs
+    from kernmux.dispatch.numerics import check_call, cloned
     from kernmux.dispatch.registry import REGISTRY
 
     op = REGISTRY.op(op_name)
     kernels = REGISTRY.kernels_of(op_name)
-    inputs, kwargs = op.make_inputs(features, device, seed)
-    reference = op.reference(*inputs, **kwargs)
+    inputs = op.positional(*op.make_inputs(features, device, seed))
+    reference = op.reference(*cloned(inputs))
     out = []
     for point in points:
         t0 = time.perf_counter()
         try:
             fn = kernels[point.kernel].bind(point.config_dict)
-            with poisoned_outputs():
-                result = fn(*inputs, **kwargs)
-            _sync(device)
-            comparison = op.compare(result, reference, features)
-            status = "ok" if comparison.passed else "numerics_failed"
-            error = None if comparison.passed else comparison.detail
+            check = check_call(op, fn, inputs, features, device=device, expected=reference)
+            status = {"pass": "ok", "fail": "numerics_failed"}.get(check.status, "error")
+            error = None if check.passed else (check.detail if check.status == "fail" else check.detail[:300])
         except Exception as e:  # a failing config is a result
             status, error = "error", f"{type(e).__name__}: {e}"[:300]
         out.append({"point": point.key, "status": status, "error": error, "seconds": time.perf_counter() - t0})
     return out
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _us(value: float | None) -> str:

@@ -181,6 +181,7 @@ def _timed(fn_for, sets, device: str, rep_ms: float, graph: bool):
 def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_ms: float, save: str | None = None) -> list[dict[str, Any]]:
     import torch
 
+    from kernmux.dispatch.numerics import check_call
     from kernmux.dispatch.registry import REGISTRY
     from kernmux.kernels.sparse_mla_decode.reference import sparse_mla_decode as reference
     from kernmux.kernels.sparse_mla_decode.triton import sparse_mla_decode_triton
@@ -232,8 +233,10 @@ def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_
                 rows.append(row("triton", cfg, "graph", error=compile_errors[small_key]))
                 continue
             try:
-                out = sparse_mla_decode_triton(*sets[0][0], **sets[0][1], config=cfg)
-                cmp = op.compare(out, ref_out, feats)
+                cmp = check_call(op, lambda *a, cfg=cfg: sparse_mla_decode_triton(*a, config=cfg),
+                                 op.positional(*sets[0]), feats, device=device, expected=ref_out)
+                if cmp.status == "error":
+                    raise cmp.error
                 if not cmp.passed:
                     rows.append(row("triton", cfg, "graph", error=f"numerics: {cmp.detail}", metrics=dict(cmp.metrics)))
                     continue
