@@ -11,7 +11,8 @@
    input sets (each replay touches 4x the L2, so no call finds its rows cached) and eager
    calls with an L2 flush before each (host launch overhead included).
    Achieved TB/s and TFLOP/s use the op's roofline bytes/FLOPs; the floor uses the
-   measured H100 ceilings (2.96 TB/s, 699 TFLOP/s, notes/performance.md).
+   ceilings measured on this GPU (``kernmux.tuning_db.measurement.ceilings``: 2 GiB
+   copy, bf16 8192^3 matmul; measured on first need, kept in the tuning database).
 Triton variants are compiled first in parallel worker processes (same resolved configs,
 tiny batch), so the timing loop only loads them from Triton's cache.
 Writes ``sparse_mla_decode_{parity,h100}.{json,md}`` under --out.
@@ -185,12 +186,13 @@ def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_
     from kernmux.dispatch.registry import REGISTRY
     from kernmux.kernels.sparse_mla_decode.reference import sparse_mla_decode as reference
     from kernmux.kernels.sparse_mla_decode.triton import sparse_mla_decode_triton
-    from kernmux.tuning_db.measurement.ceilings import ceilings_for
+    from kernmux.tuning_db.measurement.ceilings import device_ceilings
     from kernmux.tuning_db.measurement.timing import environment_row
 
     op = REGISTRY.op(OP)
     env = environment_row()
-    ceilings = ceilings_for(env["gpu"] or "")
+    ceilings, why_none = device_ceilings()
+    print(f"ceilings: {ceilings.describe() if ceilings else why_none}", flush=True)
     rows: list[dict[str, Any]] = []
     for feats in shapes:
         device = feats["device"]
@@ -208,7 +210,7 @@ def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_
                 "floor_us": floor_us, "fraction_of_roofline": (floor_us / p50) if (p50 and floor_us) else None,
                 "achieved_tbs": roof.bytes / p50 / 1e6 if p50 else None,
                 "achieved_tflops": roof.flops / p50 / 1e6 if p50 else None,
-                "ceilings": {"bandwidth_tbs": ceilings.bandwidth_tbs, "tflops": ceilings.tflops} if ceilings else None,
+                "ceilings": ceilings.as_dict() if ceilings else None,
                 "metrics": metrics or {},
             }
 
@@ -359,6 +361,17 @@ def _cfg_text(cfg: dict, feats: dict) -> str:
     return text
 
 
+def _ceilings_text(rows: list[dict]) -> str:
+    """The ceilings the rows were computed with, and where they came from when recorded."""
+    c = next((r["ceilings"] for r in rows if r.get("ceilings")), None)
+    if not c:
+        return "no ceilings (no fraction of roofline)"
+    text = f"the ceilings measured on this GPU, {c['bandwidth_tbs']:.3g} TB/s and {c['tflops']:.4g} TFLOP/s"
+    if c.get("source"):
+        text += f" ({c['source']}, measured {str(c.get('measured_at'))[:16]})"
+    return text
+
+
 def summary_markdown(rows: list[dict], parity: dict, shapes: list[dict]) -> str:
     env = rows[0] if rows else {}
     lines = [
@@ -370,7 +383,7 @@ def summary_markdown(rows: list[dict], parity: dict, shapes: list[dict]) -> str:
         "**eager**: one call per repetition with L2 flushed before it (CUDA events; host launch overhead included "
         "when the GPU work is shorter than it). "
         "Roofline: op bytes (each selected KV row once + its index + q/o/lse) and FLOPs (2·h·tokens·(d_qk+d_v)) "
-        "over the measured H100 ceilings 2.96 TB/s and 699 TFLOP/s (notes/performance.md); % roofline = floor / "
+        f"over {_ceilings_text(rows)}; % roofline = floor / "
         "graph time. Triton: fastest graph time among the candidate configs (config = H_BLOCK/N_BLOCK/SPLITS/"
         "warps/stages; every candidate is in the JSON).",
         "",

@@ -1,7 +1,7 @@
 """Storage of the tuning database: what is kept, how, and what counts as "best".
 
-Modules (lightest first; only ``engine``, ``models``, ``store`` and ``source`` import
-SQLAlchemy):
+Modules (lightest first; only ``engine``, ``models``, ``store``, ``ceiling_store`` and
+``source`` import SQLAlchemy):
 
 * ``paths`` -- where the database lives (``KERNMUX_DB``, the default SQLite file).
 * ``errors`` -- :class:`TuningDBError`, :class:`SchemaMismatchError`, :class:`InvalidTrialError`.
@@ -13,6 +13,8 @@ SQLAlchemy):
 * ``engine`` -- SQLAlchemy engine set-up (SQLite WAL, busy timeout, BEGIN IMMEDIATE).
 * ``models`` and ``migrations/`` -- the ORM tables and the alembic history that owns them.
 * ``store`` -- :class:`TuningStore`: insert-only rows, queries, schema status/upgrade.
+* ``ceiling_store`` -- measured device ceilings (roofline denominators), one row per
+  measurement.
 * ``source`` -- the resolver's in-memory view (``open_tuning_source``, used by
   :mod:`kernmux.runtime`).
 

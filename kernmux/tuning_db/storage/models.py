@@ -109,6 +109,36 @@ class Trial(Base):
         )
 
 
+class CeilingMeasurement(Base):
+    """One measurement of a device's roofline ceilings (revision 0003).
+
+    bandwidth_tbs: device-to-device copy, (bytes read + written) / time, TB/s.
+    tflops: dense bf16 matmul, 2 n^3 / time, TFLOP/s. method: sizes, repetitions and
+    medians behind the two numbers. Rows are only inserted; the newest row of a
+    fingerprint is the one in use (re-measuring adds a row).
+    """
+
+    __tablename__ = "kernmux_ceilings"
+    __table_args__ = (
+        sa.CheckConstraint("bandwidth_tbs > 0 AND tflops > 0", name="positive"),
+        sa.Index("ix_kernmux_ceilings_fingerprint", "fingerprint", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    fingerprint: Mapped[str] = mapped_column(sa.String(128))
+    device: Mapped[str] = mapped_column(sa.String(256))
+    platform: Mapped[dict] = mapped_column(sa.JSON)
+    bandwidth_tbs: Mapped[float] = mapped_column(sa.Float)
+    tflops: Mapped[float] = mapped_column(sa.Float)
+    method: Mapped[dict] = mapped_column(sa.JSON)
+    libs: Mapped[dict] = mapped_column(sa.JSON)
+    host: Mapped[str | None] = mapped_column(sa.String(255))
+    measured_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+    def __repr__(self) -> str:
+        return f"<CeilingMeasurement {self.id} {self.device} {self.bandwidth_tbs} TB/s {self.tflops} TFLOP/s>"
+
+
 def is_kernmux_table(name: str | None) -> bool:
     """True for tables this package owns (alembic's include filter)."""
     return bool(name) and name.startswith(TABLE_PREFIX) and name != VERSION_TABLE
