@@ -51,7 +51,7 @@ def run(args) -> int:
         if device == "cuda":
             ceilings, why_none = device_ceilings(db_url=args.db)
         else:
-            ceilings, why_none = None, f"inputs on {device}: there is no GPU ceiling, so no fraction of roofline"
+            ceilings, why_none = None, f"inputs on {device}: there is no GPU ceiling"
         rows, ceilings = bench(
             op.name, feature_sets, kernels, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
             cuda_graph=args.cuda_graph, seed=args.seed, isolate=args.isolate, ceilings=ceilings, find_ceilings=False,
@@ -82,7 +82,7 @@ def run(args) -> int:
         print(table(table_rows, ["features", "kernel", "p50 us", "p20", "p80", "vs best", "floor us",
                                  "roofline", "TB/s"]))
         if ceilings is None:
-            print(f"no measured ceilings: {why_none}; roofline fraction not shown")
+            print(f"no measured ceilings ({why_none}): roofline fraction not shown")
         else:
             print(f"roofline ceilings: {ceilings.describe()}")
         failed = [r for r in rows if r.status not in ("ok", "unsupported")]

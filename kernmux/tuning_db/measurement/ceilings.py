@@ -242,7 +242,7 @@ def device_ceilings(
     here = current_platform()
     platform = platform or here
     if platform.vendor == "cpu":
-        return None, "no GPU (cpu): there is no GPU ceiling, so no fraction of roofline"
+        return None, "no GPU here (cpu): there is no GPU ceiling"
     fingerprint = platform.fingerprint()
     db_problem = ""
     if not remeasure:
