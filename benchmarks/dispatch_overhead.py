@@ -40,7 +40,7 @@ from kernmux.dispatch.registry import (  # noqa: E402
     register_kernel,
     register_op,
 )
-from kernmux.tuning_db.timing import environment_row  # noqa: E402
+from kernmux.tuning_db.measurement.timing import environment_row  # noqa: E402
 
 
 def _noop_reference(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -8,12 +8,14 @@ Run on the GPU machine (kernmux need not be installed):
 Writes ``indexer_logits_<tag>.json`` (one row per parity case / timing, each with the
 environment row) and ``indexer_logits_<tag>.md`` (summary against the issue's goals).
 
-Parity follows ``kernmux verify``: fresh inputs per case from the op's ``make_inputs``,
-outputs poisoned before the call, ``op.compare`` as the judge. Every timed config is
-also compared with the torch output on the timed inputs before it is timed. Timing:
-``kernmux.tuning_db.timing.measure`` (CUDA events, L2 flushed before each repetition),
+Parity is the one numerics check of ``kernmux verify`` (``kernmux.dispatch.numerics``):
+fresh inputs per case from the op's ``make_inputs``, outputs poisoned before the call,
+``op.compare`` as the judge. Every timed config is also checked (``check_call``) against
+the torch output on the timed inputs before it is timed. Timing:
+``kernmux.tuning_db.measurement.timing.measure`` (CUDA events, L2 flushed before each repetition),
 all requests at the full context, pages scattered over the cache in random order.
-Roofline: the op's ``roofline`` bytes over the measured copy ceiling (notes/performance.md).
+Roofline: the op's ``roofline`` bytes over the copy ceiling measured on this GPU
+(``kernmux.tuning_db.measurement.ceilings``; none on the CPU smoke run).
 """
 
 from __future__ import annotations
@@ -31,15 +33,14 @@ if os.environ.get("INDEXER_BENCH_SMOKE") == "1" or "--smoke" in sys.argv:
 
 import torch  # noqa: E402
 
-from kernmux.dispatch.outputs import poisoned_outputs  # noqa: E402
+from kernmux.dispatch.numerics import check_call, check_numerics  # noqa: E402
 from kernmux.dispatch.registry import REGISTRY  # noqa: E402
 from kernmux.kernels.indexer_logits import OP  # noqa: E402  (registers the op)
 from kernmux.kernels.indexer_logits.layout import split_page_layout  # noqa: E402
 from kernmux.kernels.indexer_logits.reference import indexer_logits as reference  # noqa: E402
-from kernmux.tuning_db.timing import environment_row, measure  # noqa: E402
+from kernmux.tuning_db.measurement.ceilings import Ceilings, device_ceilings  # noqa: E402
+from kernmux.tuning_db.measurement.timing import environment_row, measure  # noqa: E402
 
-COPY_CEILING_TBS = 2.96  # H100 device-to-device copy, notes/performance.md
-MATMUL_CEILING_TFLOPS = 699.0  # bf16 8192^3, same source
 
 def _cfg(block_n, warps, stages, mma="kh", tiles=0, prefetch=0, dot="bf16", joint=0):
     cfg = {"BLOCK_N": block_n, "TILES": tiles, "num_warps": warps, "num_stages": stages, "dot": dot, "mma": mma, "prefetch": prefetch}
@@ -137,20 +138,14 @@ def full_config(config: dict | None) -> dict:
 
 
 def parity_case(feats: dict, seed: int, config: dict) -> dict:
-    """One verify-style check: fresh inputs, poisoned output, op.compare."""
+    """One verify check: fresh inputs, poisoned output, op.compare (a failure is a result)."""
     op = REGISTRY.ops[OP]
-    args, _ = op.make_inputs(feats, feats["device"], seed)
-    expected = reference(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    kernel = REGISTRY.kernels_of(OP)["triton"]
     row = {"kind": "parity", "kernel": "triton", "features": feats, "config": full_config(config), "seed": seed}
-    try:
-        with poisoned_outputs():
-            got = triton_fn()(*args, config=full_config(config))
-        if feats["device"] == "cuda":
-            torch.cuda.synchronize()
-    except Exception as e:  # a failure is a result
-        return {**row, "status": "error", "detail": f"{type(e).__name__}: {e}"[:500]}
-    result = op.compare(got, expected, feats)
-    return {**row, "status": "pass" if result.passed else "fail", "metrics": dict(result.metrics), "detail": result.detail}
+    result = check_numerics(op, kernel, feats, seed=seed, config=config)
+    if result.status == "error":
+        return {**row, "status": "error", "detail": result.detail[:500]}
+    return {**row, "status": result.status, "metrics": dict(result.metrics), "detail": result.detail}
 
 
 def parity_grid(device: str, smoke: bool) -> list[dict]:
@@ -200,7 +195,8 @@ def bench_inputs(batch: int, next_n: int, heads: int, head_dim: int, context: in
     return (q, k_cache, k_scale, weights, lens, table, context)
 
 
-def timing_rows(device: str, smoke: bool, deadline: float, focus: bool = False) -> list[dict]:
+def timing_rows(device: str, smoke: bool, deadline: float, focus: bool = False,
+                ceilings: Ceilings | None = None) -> list[dict]:
     op = REGISTRY.ops[OP]
     # The goal shape first, so a cut by the time budget leaves the shapes that matter.
     shapes = [(4, 256), (1, 256)] if smoke else [(256, 8192), (256, 4096), (64, 8192), (64, 4096), (1, 8192), (1, 4096)]
@@ -220,7 +216,7 @@ def timing_rows(device: str, smoke: bool, deadline: float, focus: bool = False) 
         expected = reference(*args)
         t = measure(lambda: reference(*args), device=device, **timing)
         torch_us = t.p50_us
-        rows.append({**base, "kernel": "torch", "config": {}, "status": "ok", **t.as_dict(), **_rates(roof, t.p50_us)})
+        rows.append({**base, "kernel": "torch", "config": {}, "status": "ok", **t.as_dict(), **_rates(roof, t.p50_us, ceilings)})
         for config in TIMED_CONFIGS:
             if config.get("joint") and next_n == 1:
                 continue
@@ -231,31 +227,47 @@ def timing_rows(device: str, smoke: bool, deadline: float, focus: bool = False) 
             fn = triton_fn()
             cfg = full_config(config)
             try:
-                with poisoned_outputs():
-                    got = fn(*args, config=cfg)
-                check = op.compare(got, expected, feats)
+                check = check_call(op, lambda *a, fn=fn, cfg=cfg: fn(*a, config=cfg), args, feats, expected=expected)
+                if check.status == "error":
+                    raise check.error
                 if not check.passed:
                     rows.append({**row, "status": "numerics_failed", "metrics": dict(check.metrics), "detail": check.detail})
                     continue
-                t = measure(lambda: fn(*args, config=cfg), device=device, **timing)
+                t = measure(check.call, device=device, **timing)
             except Exception as e:
                 rows.append({**row, "status": "error", "detail": f"{type(e).__name__}: {e}"[:500]})
                 continue
-            rows.append({**row, "status": "ok", "metrics": dict(check.metrics), **t.as_dict(), **_rates(roof, t.p50_us), "speedup_vs_torch": torch_us / t.p50_us})
+            rows.append({**row, "status": "ok", "metrics": dict(check.metrics), **t.as_dict(), **_rates(roof, t.p50_us, ceilings), "speedup_vs_torch": torch_us / t.p50_us})
         del args, expected
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-def _rates(roof, p50_us: float) -> dict:
+def _rates(roof, p50_us: float, ceilings: Ceilings | None) -> dict:
     tbs = roof.bytes / (p50_us * 1e6)
     return {
         "tb_per_s": tbs,
-        "frac_of_copy_ceiling": tbs / COPY_CEILING_TBS,
+        "frac_of_copy_ceiling": tbs / ceilings.bandwidth_tbs if ceilings else None,
         "tflops": roof.flops / (p50_us * 1e6),
-        "floor_us": roof.floor_us(COPY_CEILING_TBS, MATMUL_CEILING_TFLOPS),
+        "floor_us": ceilings.floor_us(roof) if ceilings else None,
+        "ceilings": ceilings.as_dict() if ceilings else None,
     }
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _copy_ceiling_text(timings: list[dict]) -> str:
+    """The copy ceiling the rows were computed with (rows written before ceilings were
+    measured per device carry none: they used a fixed H100 figure, 2.96 TB/s)."""
+    c = next((r["ceilings"] for r in timings if r.get("ceilings")), None)
+    if c:
+        return f"the copy ceiling measured on this GPU, {c['bandwidth_tbs']:.3g} TB/s ({c['source']}, measured {c['measured_at'][:16]})"
+    if any(r.get("frac_of_copy_ceiling") for r in timings):
+        return "the fixed copy ceiling these rows were computed with (2.96 TB/s, an H100 measurement)"
+    return "no copy ceiling (none measured on this device: no fraction)"
 
 
 def summary(env: dict, parity: list[dict], timings: list[dict], command: str, note: str = "") -> str:
@@ -264,7 +276,7 @@ def summary(env: dict, parity: list[dict], timings: list[dict], command: str, no
         lines += [note, ""]
     lines.append(f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, {env.get('date')}. Command: `{command}`.")
     lines.append(f"Default config (\"triton default\" column): `{config_name(full_config(None))}`.")
-    lines.append(f"Roofline: the op's minimum bytes (keys + scales once, q, weights, table, logits) over the measured copy ceiling {COPY_CEILING_TBS} TB/s.")
+    lines.append(f"Roofline: the op's minimum bytes (keys + scales once, q, weights, table, logits) over {_copy_ceiling_text(timings)}.")
     lines.append("")
     passed = sum(r["status"] == "pass" for r in parity)
     lines.append(f"## Parity (before timing): {passed}/{len(parity)} cases pass")
@@ -302,20 +314,20 @@ def summary(env: dict, parity: list[dict], timings: list[dict], command: str, no
             f"{default['p50_us']:.1f}" if default else "-",
             f"{best['p50_us']:.1f} ({best['config_name']})" if best else "-",
             f"{best['tb_per_s']:.2f}" if best else "-",
-            f"{100 * best['frac_of_copy_ceiling']:.1f}%" if best else "-",
+            _pct(best["frac_of_copy_ceiling"]) if best else "-",
             f"{best['speedup_vs_torch']:.1f}x" if best else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
         if batch == 256 and context == 8192 and default:
             goal_lines.append(
-                f"- default config, next_n={next_n}: {default['p50_us']:.1f} µs = {100 * default['frac_of_copy_ceiling']:.1f}% of the copy ceiling, "
+                f"- default config, next_n={next_n}: {default['p50_us']:.1f} µs = {_pct(default['frac_of_copy_ceiling'])} of the copy ceiling, "
                 f"{default['speedup_vs_torch']:.1f}x torch"
             )
         if batch == 256 and context == 8192 and best:
-            met_bw = best["frac_of_copy_ceiling"] >= 0.5
+            met_bw = best["frac_of_copy_ceiling"] is not None and best["frac_of_copy_ceiling"] >= 0.5
             met_x = best["speedup_vs_torch"] >= 10
             goal_lines.append(
-                f"- next_n={next_n}, B=256, context 8192: {best['p50_us']:.1f} µs = {100 * best['frac_of_copy_ceiling']:.1f}% of the copy ceiling "
+                f"- next_n={next_n}, B=256, context 8192: {best['p50_us']:.1f} µs = {_pct(best['frac_of_copy_ceiling'])} of the copy ceiling "
                 f"({'met' if met_bw else 'MISSED'} >= 50%), {best['speedup_vs_torch']:.1f}x torch ({'met' if met_x else 'MISSED'} >= 10x), config {best['config_name']}"
             )
     lines.append("")
@@ -384,7 +396,9 @@ def main() -> int:
         if r["status"] != "pass":
             print("  ", r["status"], r["features"], r["config"], r.get("detail", ""), flush=True)
 
-    timings = timing_rows(device, args.smoke, start + args.budget_s, args.focus)
+    ceilings, why_none = device_ceilings() if device == "cuda" else (None, "CPU smoke run: no GPU ceiling")
+    print(f"ceilings: {ceilings.describe() if ceilings else why_none}", flush=True)
+    timings = timing_rows(device, args.smoke, start + args.budget_s, args.focus, ceilings)
     command = "PYTHONPATH=. python3 benchmarks/indexer_logits.py" + (" --smoke" if args.smoke else "") + (f" --focus {args.focus}" if args.focus else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@
    also fills Triton's and Inductor's on-disk caches for the timing phase.
 2. Timings: tokens {1, 16, 128, 1024, 4096, 16384} x experts {64, 128, 160, 256, 512},
    k = 8, S in {0, 1}, bf16 logits, renormalize=True, with the shared routine
-   ``kernmux.tuning_db.timing.measure``. Columns and methods:
+   ``kernmux.tuning_db.measurement.timing.measure``. Columns and methods:
      triton_graph    the fused Triton kernel, CUDA-graph replay (20 calls per graph)
      triton_events   the same, launched eagerly, CUDA events, L2 flushed
      chain_events    the PyTorch chain engines run (softmax, topk, renormalise, sigmoid,
@@ -282,7 +282,7 @@ def phase_timing(device: str, warmup_ms: float, rep_ms: float, deadline: float, 
     import kernmux.ops
     from kernmux.dispatch.registry import REGISTRY
     from kernmux.kernels.moe_topk_softmax.triton_config import heuristic_config
-    from kernmux.tuning_db.timing import environment_row, measure
+    from kernmux.tuning_db.measurement.timing import environment_row, measure
 
     env = environment_row()
     kernels = REGISTRY.kernels_of(OP)
@@ -368,7 +368,7 @@ def phase_sweep(device: str, warmup_ms: float, rep_ms: float, deadline: float, e
 
     from kernmux.kernels.moe_topk_softmax.triton import moe_topk_softmax
     from kernmux.kernels.moe_topk_softmax.triton_config import config_valid
-    from kernmux.tuning_db.timing import environment_row, measure
+    from kernmux.tuning_db.measurement.timing import environment_row, measure
 
     env = environment_row()
     rows = []
@@ -457,7 +457,7 @@ def summary_markdown(rows: list[dict]) -> str:
         "",
         "## Timings (median µs)",
         "",
-        "Methods (`kernmux.tuning_db.timing.measure`): *graph* = CUDA-graph replay of 20 calls, per-call time; "
+        "Methods (`kernmux.tuning_db.measurement.timing.measure`): *graph* = CUDA-graph replay of 20 calls, per-call time; "
         "*events* = eager launch between CUDA events, L2 flushed before each repetition. "
         "`chain` = the unfused PyTorch chain engines run (softmax → topk → renormalise → sigmoid → cat); "
         "`ref` = the op's reference (stable sort); `compile` = the torch_compile kernel; `ops` = "

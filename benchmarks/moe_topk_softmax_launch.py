@@ -99,6 +99,7 @@ def strided_checks(device: str) -> list[dict[str, Any]]:
     """Strided and misaligned logits, each launched three times (direct after the first)."""
     import torch
 
+    from kernmux.dispatch.numerics import check_call
     from kernmux.dispatch.registry import REGISTRY
     from kernmux.kernels.moe_topk_softmax.triton import moe_topk_softmax
 
@@ -121,9 +122,9 @@ def strided_checks(device: str) -> list[dict[str, Any]]:
                 logits = make(tokens, experts + shared, dtype)
                 feats = {"tokens": tokens, "experts": experts, "topk": topk, "shared": shared,
                          "dtype": "bf16" if dtype == torch.bfloat16 else "fp32", "renormalize": True, "device": device}
-                out = moe_topk_softmax(logits, topk, True, shared)
-                ref = op.reference(logits, topk, True, shared)
-                cmp = op.compare(out, ref, feats)
+                cmp = check_call(op, moe_topk_softmax, (logits, topk, True, shared), feats, device=device)
+                if cmp.status == "error":
+                    raise cmp.error
                 rows.append({"kind": "strided", "case": name, "dtype": str(dtype), "tokens": tokens,
                              "experts": experts, "call": call, "stride": list(logits.stride()),
                              "ptr_mod16": logits.data_ptr() % 16,
@@ -295,7 +296,7 @@ def phase_ratio(device: str, env: dict, warmup_ms: float, rep_ms: float) -> list
 
     from kernmux.kernels.moe_topk_softmax.triton import moe_topk_softmax
     from kernmux.kernels.moe_topk_softmax.triton_config import heuristic_config
-    from kernmux.tuning_db.timing import measure
+    from kernmux.tuning_db.measurement.timing import measure
 
     rows = []
     gen = torch.Generator(device=device).manual_seed(1234)
@@ -405,7 +406,7 @@ def main() -> int:
     start = time.time()
     try:
         bench._load_registry()
-        from kernmux.tuning_db.timing import environment_row
+        from kernmux.tuning_db.measurement.timing import environment_row
 
         env = environment_row()
         if not args.skip_parity:

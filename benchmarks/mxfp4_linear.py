@@ -50,10 +50,7 @@ from kernmux.kernels.mxfp4_linear import OP_NAME as OP  # noqa: E402  (registers
 from kernmux.kernels.mxfp4_linear.formats import dequantize_mxfp4, quantize_mxfp4  # noqa: E402
 from kernmux.rules.loader import load_rules  # noqa: E402
 
-try:  # the timing routine's home moves with the tuning_db layout
-    from kernmux.tuning_db.measurement.timing import environment_row, measure  # noqa: E402
-except ImportError:
-    from kernmux.tuning_db.timing import environment_row, measure  # noqa: E402
+from kernmux.tuning_db.measurement.timing import environment_row, measure  # noqa: E402
 
 SHAPES = [(1536, 7168), (24576, 1536), (7168, 16384), (5120, 2880), (2880, 4096)]  # (N, K)
 TOKENS_FULL = [1, 4, 16, 64, 256, 1024, 4096, 16384]

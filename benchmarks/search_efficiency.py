@@ -81,35 +81,25 @@ def _gate_shard(args: tuple) -> list[dict[str, Any]]:
     """Child of the compile pool: one input set, then each point once (compiles it) and
     through the numerics gate (poisoned outputs, ``op.compare`` against the reference)."""
     op_name, points, features, device, seed = args
-    from kernmux.dispatch.outputs import poisoned_outputs
+    from kernmux.dispatch.numerics import check_call, cloned
     from kernmux.dispatch.registry import REGISTRY
 
     op = REGISTRY.op(op_name)
     kernels = REGISTRY.kernels_of(op_name)
-    inputs, kwargs = op.make_inputs(features, device, seed)
-    reference = op.reference(*inputs, **kwargs)
+    inputs = op.positional(*op.make_inputs(features, device, seed))
+    reference = op.reference(*cloned(inputs))
     out = []
     for point in points:
         t0 = time.perf_counter()
         try:
             fn = kernels[point.kernel].bind(point.config_dict)
-            with poisoned_outputs():
-                result = fn(*inputs, **kwargs)
-            _sync(device)
-            comparison = op.compare(result, reference, features)
-            status = "ok" if comparison.passed else "numerics_failed"
-            error = None if comparison.passed else comparison.detail
+            check = check_call(op, fn, inputs, features, device=device, expected=reference)
+            status = {"pass": "ok", "fail": "numerics_failed"}.get(check.status, "error")
+            error = None if check.passed else (check.detail if check.status == "fail" else check.detail[:300])
         except Exception as e:  # a failing config is a result
             status, error = "error", f"{type(e).__name__}: {e}"[:300]
         out.append({"point": point.key, "status": status, "error": error, "seconds": time.perf_counter() - t0})
     return out
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _us(value: float | None) -> str:
@@ -117,7 +107,7 @@ def _us(value: float | None) -> str:
 
 
 def _point_from_key(key: str) -> Any:
-    from kernmux.tuning_db.search import Point
+    from kernmux.tuning_db.tuning.search import Point
 
     kernel, config = json.loads(key)
     return Point.of(kernel, config)
@@ -135,8 +125,8 @@ def run_grid(op: str, kernel: str, features: dict, *, warmup_ms: float, rep_ms: 
 
     from kernmux.dispatch.platform import current_platform
     from kernmux.dispatch.registry import REGISTRY
-    from kernmux.tuning_db.search import build_space
-    from kernmux.tuning_db.timing import environment_row, measure
+    from kernmux.tuning_db.measurement.timing import environment_row, measure
+    from kernmux.tuning_db.tuning.search import build_space
 
     platform = current_platform()
     device = "cuda" if features["device"] == "cuda" else "cpu"
@@ -191,7 +181,7 @@ def run_grid(op: str, kernel: str, features: dict, *, warmup_ms: float, rep_ms: 
 
 
 def run_live(grid: dict[str, Any], *, seed: int, url: str, timeout_s: float) -> dict[str, Any]:
-    from kernmux.tuning_db.tuner import TuneSettings, tune
+    from kernmux.tuning_db.tuning.tuner import TuneSettings, tune
 
     budget = max(1, int(math.floor(BUDGET_FRACTION * grid["points"])))
     settings = TuneSettings(op=grid["op"], kernels=(grid["kernel"],), trials=budget, sampler="tpe", seed=seed,
@@ -223,7 +213,7 @@ def replay(grid: dict[str, Any], seeds: list[int], sampler: str) -> dict[str, An
     """Drive the tuner's search loop over the measured table; curves of best-so-far."""
     import optuna
 
-    from kernmux.tuning_db.search import Evaluation, SearchSpace, make_sampler, run_search
+    from kernmux.tuning_db.tuning.search import Evaluation, SearchSpace, make_sampler, run_search
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     table = _table(grid)

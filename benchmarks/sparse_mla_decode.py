@@ -7,11 +7,12 @@
 2. Timings: B in {1, 8, 32, 128} x h_q in {16, 64, 128}, topk 2048, one scope and two
    scopes (+512), bf16 and fp8 KV; the torch reference and the Triton kernel under each
    candidate config (best reported, all recorded), with the shared timing routine
-   ``kernmux.tuning_db.timing.measure`` in two modes: CUDA-graph replay over rotating
+   ``kernmux.tuning_db.measurement.timing.measure`` in two modes: CUDA-graph replay over rotating
    input sets (each replay touches 4x the L2, so no call finds its rows cached) and eager
    calls with an L2 flush before each (host launch overhead included).
    Achieved TB/s and TFLOP/s use the op's roofline bytes/FLOPs; the floor uses the
-   measured H100 ceilings (2.96 TB/s, 699 TFLOP/s, notes/performance.md).
+   ceilings measured on this GPU (``kernmux.tuning_db.measurement.ceilings``: 2 GiB
+   copy, bf16 8192^3 matmul; measured on first need, kept in the tuning database).
 Triton variants are compiled first in parallel worker processes (same resolved configs,
 tiny batch), so the timing loop only loads them from Triton's cache.
 Writes ``sparse_mla_decode_{parity,h100}.{json,md}`` under --out.
@@ -163,7 +164,7 @@ def _timed(fn_for, sets, device: str, rep_ms: float, graph: bool):
     """Time ``fn_for(args, kwargs)`` with the shared routine. graph: one CUDA graph holds
     one call per input set (cold L2 for each), per-call time = replay / sets. Otherwise
     the first set alone, L2 flushed before each call (host launch overhead included)."""
-    from kernmux.tuning_db.timing import measure
+    from kernmux.tuning_db.measurement.timing import measure
 
     if not graph or device != "cuda":
         args, kwargs = sets[0]
@@ -181,15 +182,17 @@ def _timed(fn_for, sets, device: str, rep_ms: float, graph: bool):
 def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_ms: float, save: str | None = None) -> list[dict[str, Any]]:
     import torch
 
+    from kernmux.dispatch.numerics import check_call
     from kernmux.dispatch.registry import REGISTRY
     from kernmux.kernels.sparse_mla_decode.reference import sparse_mla_decode as reference
     from kernmux.kernels.sparse_mla_decode.triton import sparse_mla_decode_triton
-    from kernmux.tuning_db.ceilings import ceilings_for
-    from kernmux.tuning_db.timing import environment_row
+    from kernmux.tuning_db.measurement.ceilings import device_ceilings
+    from kernmux.tuning_db.measurement.timing import environment_row
 
     op = REGISTRY.op(OP)
     env = environment_row()
-    ceilings = ceilings_for(env["gpu"] or "")
+    ceilings, why_none = device_ceilings()
+    print(f"ceilings: {ceilings.describe() if ceilings else why_none}", flush=True)
     rows: list[dict[str, Any]] = []
     for feats in shapes:
         device = feats["device"]
@@ -207,7 +210,7 @@ def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_
                 "floor_us": floor_us, "fraction_of_roofline": (floor_us / p50) if (p50 and floor_us) else None,
                 "achieved_tbs": roof.bytes / p50 / 1e6 if p50 else None,
                 "achieved_tflops": roof.flops / p50 / 1e6 if p50 else None,
-                "ceilings": {"bandwidth_tbs": ceilings.bandwidth_tbs, "tflops": ceilings.tflops} if ceilings else None,
+                "ceilings": ceilings.as_dict() if ceilings else None,
                 "metrics": metrics or {},
             }
 
@@ -232,8 +235,10 @@ def time_grid(shapes: list[dict[str, Any]], compile_errors: dict[str, str], rep_
                 rows.append(row("triton", cfg, "graph", error=compile_errors[small_key]))
                 continue
             try:
-                out = sparse_mla_decode_triton(*sets[0][0], **sets[0][1], config=cfg)
-                cmp = op.compare(out, ref_out, feats)
+                cmp = check_call(op, lambda *a, cfg=cfg: sparse_mla_decode_triton(*a, config=cfg),
+                                 op.positional(*sets[0]), feats, device=device, expected=ref_out)
+                if cmp.status == "error":
+                    raise cmp.error
                 if not cmp.passed:
                     rows.append(row("triton", cfg, "graph", error=f"numerics: {cmp.detail}", metrics=dict(cmp.metrics)))
                     continue
@@ -356,18 +361,29 @@ def _cfg_text(cfg: dict, feats: dict) -> str:
     return text
 
 
+def _ceilings_text(rows: list[dict]) -> str:
+    """The ceilings the rows were computed with, and where they came from when recorded."""
+    c = next((r["ceilings"] for r in rows if r.get("ceilings")), None)
+    if not c:
+        return "no ceilings (no fraction of roofline)"
+    text = f"the ceilings measured on this GPU, {c['bandwidth_tbs']:.3g} TB/s and {c['tflops']:.4g} TFLOP/s"
+    if c.get("source"):
+        text += f" ({c['source']}, measured {str(c.get('measured_at'))[:16]})"
+    return text
+
+
 def summary_markdown(rows: list[dict], parity: dict, shapes: list[dict]) -> str:
     env = rows[0] if rows else {}
     lines = [
         "# sparse_mla_decode on " + str(env.get("gpu")),
         "",
         f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, {env.get('date')}. "
-        "All timings through `kernmux.tuning_db.timing.measure`. **graph**: one CUDA graph holding one call per "
+        "All timings through `kernmux.tuning_db.measurement.timing.measure`. **graph**: one CUDA graph holding one call per "
         "input set, the sets rotating so that a replay touches >= 200 MB (4x L2), per-call = replay / sets. "
         "**eager**: one call per repetition with L2 flushed before it (CUDA events; host launch overhead included "
         "when the GPU work is shorter than it). "
         "Roofline: op bytes (each selected KV row once + its index + q/o/lse) and FLOPs (2·h·tokens·(d_qk+d_v)) "
-        "over the measured H100 ceilings 2.96 TB/s and 699 TFLOP/s (notes/performance.md); % roofline = floor / "
+        f"over {_ceilings_text(rows)}; % roofline = floor / "
         "graph time. Triton: fastest graph time among the candidate configs (config = H_BLOCK/N_BLOCK/SPLITS/"
         "warps/stages; every candidate is in the JSON).",
         "",

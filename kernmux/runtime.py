@@ -6,7 +6,7 @@ that turns the environment into the objects it is handed:
 - rules: the ``--rules`` files, then ``KERNMUX_RULES``, then the shipped files
   (:func:`kernmux.rules.loader.load_rules`), loaded on first use;
 - tuning: the database at ``--db`` / ``KERNMUX_DB`` / the default SQLite file, opened on
-  first use (:func:`kernmux.tuning_db.source.open_tuning_source`); a missing database or
+  first use (:func:`kernmux.tuning_db.storage.source.open_tuning_source`); a missing database or
   missing database extra is a note in explain, never an error;
 - statistics: one INFO log line per new decision and, when ``KERNMUX_STATS_PATH`` is set,
   per-call counters (:mod:`kernmux.stats`).
@@ -47,7 +47,7 @@ def tuning_factory(db_url: str | None = None) -> Callable[[], tuple[Any, str]]:
 
     def open_() -> tuple[Any, str]:
         try:
-            from kernmux.tuning_db.source import open_tuning_source
+            from kernmux.tuning_db.storage.source import open_tuning_source
         except ImportError as e:
             return None, f"tuning database support not installed ({e.name}); pip install 'kernmux[tuning]'"
         return open_tuning_source(db_url)

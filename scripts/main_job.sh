@@ -26,7 +26,7 @@ else
   sweep=(tokens=1,128 experts=160)
   trials=4
 fi
-db="$("$PY" -c 'from kernmux.tuning_db.paths import default_url; print(default_url())')"
+db="$("$PY" -c 'from kernmux.tuning_db.storage.paths import default_url; print(default_url())')"
 
 echo "== kernmux main job: device=$device kernels=$kernels database=$db"
 echo "== 1/2 tune moe_topk_softmax ${sweep[*]} (trials per problem: $trials)"

@@ -12,8 +12,9 @@ def register(subparsers) -> None:
         description=(
             "For every combination of the given features (feat=v1,v2 is a sweep), run each "
             "kernel through the numerics gate and then time it (warm-up, L2 flush, median with "
-            "p20/p80). The roofline floor uses the op's bytes/FLOPs and this GPU's measured "
-            "ceilings; on a GPU without measured ceilings, or on CPU, no fraction is shown."
+            "p20/p80). The roofline floor uses the op's bytes/FLOPs over this GPU's ceilings, "
+            "measured on first need (2 GiB copy, bf16 8192^3 matmul) and kept in the tuning "
+            "database (see `kernmux ceilings`); on CPU no fraction is shown."
         ),
     )
     parser.add_argument("op", help="op name (see `kernmux ops`)")
@@ -25,6 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument("--rep-ms", type=float, default=100.0, help="repetitions per kernel (default 100)")
     parser.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (launch-bound ops)")
     parser.add_argument("--isolate", action="store_true", help="run each kernel in a worker subprocess")
+    parser.add_argument("--db", default=None, metavar="URL",
+                        help="tuning database holding the measured ceilings (default: KERNMUX_DB or the default database)")
     add_json_flag(parser)
     parser.set_defaults(handler=run)
 
@@ -36,18 +39,22 @@ def _fmt(value: float | None, spec: str) -> str:
 def run(args) -> int:
     import torch
 
-    from kernmux.dispatch.platform import current_platform
-    from kernmux.tuning_db.bench import bench
-    from kernmux.tuning_db.timing import environment_row
+    from kernmux.tuning_db.measurement.bench import bench
+    from kernmux.tuning_db.measurement.ceilings import device_ceilings
+    from kernmux.tuning_db.measurement.timing import environment_row
 
     try:
         op = get_op(args.op)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         feature_sets = parse_feature_args(op, args.features, device=device)
         kernels = [k.strip() for k in args.kernels.split(",") if k.strip()] if args.kernels else None
+        if device == "cuda":
+            ceilings, why_none = device_ceilings(db_url=args.db)
+        else:
+            ceilings, why_none = None, f"inputs on {device}: there is no GPU ceiling"
         rows, ceilings = bench(
             op.name, feature_sets, kernels, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-            cuda_graph=args.cuda_graph, seed=args.seed, isolate=args.isolate,
+            cuda_graph=args.cuda_graph, seed=args.seed, isolate=args.isolate, ceilings=ceilings, find_ceilings=False,
         )
     except (UsageError, ValueError) as e:
         return fail(str(e))
@@ -55,8 +62,8 @@ def run(args) -> int:
         print_json({
             "op": op.name,
             "environment": environment_row(),
-            "ceilings": None if ceilings is None else {
-                "bandwidth_tbs": ceilings.bandwidth_tbs, "tflops": ceilings.tflops, "source": ceilings.source},
+            "ceilings": None if ceilings is None else ceilings.as_dict(),
+            "ceilings_note": why_none,
             "rows": [r.as_dict() for r in rows],
         })
     else:
@@ -74,11 +81,10 @@ def run(args) -> int:
             ])
         print(table(table_rows, ["features", "kernel", "p50 us", "p20", "p80", "vs best", "floor us",
                                  "roofline", "TB/s"]))
-        plat = current_platform()
         if ceilings is None:
-            print(f"no measured ceilings for {plat.device!r}: roofline fraction not shown")
+            print(f"no measured ceilings ({why_none}): roofline fraction not shown")
         else:
-            print(f"ceilings: {ceilings.bandwidth_tbs} TB/s, {ceilings.tflops} TFLOP/s ({ceilings.source})")
+            print(f"roofline ceilings: {ceilings.describe()}")
         failed = [r for r in rows if r.status not in ("ok", "unsupported")]
         for r in failed:
             print(f"{r.kernel} {format_features(r.features)}: {r.status}: {(r.error or '').splitlines()[0][:160]}")

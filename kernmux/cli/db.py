@@ -57,7 +57,7 @@ def register(subparsers) -> None:
 
 
 def _open(args, *, create: bool = False, check: bool = True):
-    from kernmux.tuning_db.store import TuningStore
+    from kernmux.tuning_db.storage.store import TuningStore
 
     return TuningStore(args.db, create=create, check=check)
 
@@ -67,8 +67,8 @@ def _guard(fn):
 
     def run(args) -> int:
         try:
-            from kernmux.tuning_db.export import ExportFormatError
-            from kernmux.tuning_db.store import TuningDBError
+            from kernmux.tuning_db.storage.errors import TuningDBError
+            from kernmux.tuning_db.tuning.export import ExportFormatError
         except ImportError as e:
             return fail(f"tuning database support is not installed ({e.name}); pip install 'kernmux[tuning]'", 1)
         try:
@@ -110,7 +110,7 @@ def run_show(args) -> int:
         if status == "current":
             info.update(store.summary())
         if status == "current" and args.rows:
-            from kernmux.tuning_db.export import row_to_dict
+            from kernmux.tuning_db.tuning.export import row_to_dict
 
             info["latest"] = [{"id": r.id, **row_to_dict(r)} for r in store.rows(op=args.op, limit=args.rows)]
     if args.json:
@@ -149,7 +149,7 @@ def run_show(args) -> int:
 
 @_guard
 def run_export(args) -> int:
-    from kernmux.tuning_db.export import write_export
+    from kernmux.tuning_db.tuning.export import write_export
 
     with _open(args) as store:
         if args.output:
@@ -174,7 +174,7 @@ def _report_import(args, report, verb: str) -> int:
 
 @_guard
 def run_import(args) -> int:
-    from kernmux.tuning_db.export import import_file
+    from kernmux.tuning_db.tuning.export import import_file
 
     with _open(args, create=True) as store:
         report = import_file(store, args.file)
@@ -183,7 +183,7 @@ def run_import(args) -> int:
 
 @_guard
 def run_merge(args) -> int:
-    from kernmux.tuning_db.export import merge
+    from kernmux.tuning_db.tuning.export import merge
 
     with _open(args, create=True) as store:
         report = merge(store, args.source)
@@ -192,7 +192,7 @@ def run_merge(args) -> int:
 
 @_guard
 def run_report(args) -> int:
-    from kernmux.tuning_db.report import write_report
+    from kernmux.tuning_db.tuning.report import write_report
 
     with _open(args) as store:
         sections = write_report(store, args.output, op=args.op)

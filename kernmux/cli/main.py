@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 # Fixed table of subcommands: kernmux/cli/<name>.py exposing register(subparsers).
-COMMANDS: tuple[str, ...] = ("ops", "explain", "rules", "verify", "bench", "tune", "db")
+COMMANDS: tuple[str, ...] = ("ops", "explain", "rules", "verify", "bench", "ceilings", "tune", "db")
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -46,8 +46,9 @@ def run_lint(args) -> int:
 
 def run_derive(args) -> int:
     try:
-        from kernmux.tuning_db.derive import derive_rules
-        from kernmux.tuning_db.store import TuningDBError, TuningStore
+        from kernmux.tuning_db.storage.errors import TuningDBError
+        from kernmux.tuning_db.storage.store import TuningStore
+        from kernmux.tuning_db.tuning.derive import derive_rules
     except ImportError as e:
         return fail(f"tuning database support is not installed ({e.name}); pip install 'kernmux[tuning]'", 1)
     try:

@@ -109,8 +109,8 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def run(args) -> int:
     import torch
 
-    from kernmux.tuning_db.store import TuningDBError
-    from kernmux.tuning_db.tuner import TuneError, TuneSettings, tune
+    from kernmux.tuning_db.storage.errors import TuningDBError
+    from kernmux.tuning_db.tuning.tuner import TuneError, TuneSettings, tune
 
     try:
         import importlib
@@ -156,6 +156,6 @@ def run(args) -> int:
 
 
 def _shown_url(url: str | None) -> str:
-    from kernmux.tuning_db.paths import default_url
+    from kernmux.tuning_db.storage.paths import default_url
 
     return url or default_url()

@@ -24,6 +24,10 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=None, help="base seed (default: fresh each run)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument(
+        "--nonfinite", action="store_true",
+        help="draw inputs with NaN/inf where the op declares them (make_nonfinite_inputs); ops without it are skipped",
+    )
+    parser.add_argument(
         "--interpret", action="store_true",
         help="run Triton kernels in Triton's interpreter (sets TRITON_INTERPRET=1; for CPU-only machines, small shapes)",
     )
@@ -67,7 +71,7 @@ def run(args) -> int:
     results = []
     for index, feats in enumerate(combos):
         for name in names:
-            result = verify_kernel(op.name, name, feats, seed=seed + index)
+            result = verify_kernel(op.name, name, feats, seed=seed + index, nonfinite=args.nonfinite)
             results.append(result)
             if not args.json:
                 mark = {"pass": "PASS", "fail": "FAIL", "error": "ERROR"}.get(result.status, "skip")

@@ -1,6 +1,6 @@
 """What the resolver needs from a tuning database: a source it is handed, never one it opens.
 
-Implemented by :class:`kernmux.tuning_db.source.TuningSource`; wired in by
+Implemented by :class:`kernmux.tuning_db.storage.source.TuningSource`; wired in by
 :mod:`kernmux.runtime`.
 """
 

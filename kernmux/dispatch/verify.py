@@ -1,27 +1,26 @@
-"""Run kernels against their op's reference on fresh random inputs.
+"""Run kernels against their op's reference on fresh random inputs (``kernmux verify``).
 
-Shared by ``kernmux verify``, the tuner's numerics gate and the benchmarks' parity
-checks: inputs drawn by the op's ``make_inputs`` with a fresh seed, outputs of the
-kernel poisoned before the call (NaN / int-min), compared with ``op.compare``.
+A thin layer over the one numerics check (:func:`kernmux.dispatch.numerics.check_numerics`),
+shared with the tuner's trials and the benchmarks' parity checks: this module adds the
+availability/support filter and a result that names the op, kernel, features and seed.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kernmux.dispatch.outputs import poisoned_outputs
+from kernmux.dispatch.numerics import check_numerics
 from kernmux.dispatch.platform import Platform, current_platform
 from kernmux.dispatch.registry import REGISTRY, Registry
-from kernmux.dispatch.transforms import apply_transform
 from kernmux.dispatch.rule_model import TransformSpec
 
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """status: "pass", "fail" (numerics), "error" (raised), "unavailable", "unsupported"."""
+    """status: "pass", "fail" (numerics), "error" (raised), "unavailable", "unsupported" (by the
+    kernel, or non-finite inputs asked of an op that has none)."""
 
     op: str
     kernel: str
@@ -51,14 +50,6 @@ class VerifyResult:
         }
 
 
-def _clone(value: Any) -> Any:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    return value
-
-
 def verify_kernel(
     op_name: str,
     kernel_name: str,
@@ -71,8 +62,16 @@ def verify_kernel(
     platform: Platform | None = None,
     registry: Registry = REGISTRY,
     check_support: bool = True,
+    nonfinite: bool = False,
 ) -> VerifyResult:
-    """Verify one kernel on one problem. Never raises for kernel failures."""
+    """Verify one kernel on one problem. Never raises for kernel failures.
+
+    features: the op's features ("device" picks where inputs are made; ``device``
+        overrides it). config: the kernel's config (default: its default config).
+    transform: run the kernel through this transform (support is then not checked: the
+        transform exists to meet the kernel's constraints).
+    nonfinite: inputs from the op's ``make_nonfinite_inputs`` (status "unsupported"
+        when the op has none)."""
     op = registry.op(op_name)
     kernels = registry.kernels_of(op_name)
     if kernel_name not in kernels:
@@ -92,32 +91,8 @@ def verify_kernel(
         support = kernel.check(feats, platform)
         if not support.ok and not transform:
             return VerifyResult(status="unsupported", detail=support.reason, **base)
-    start = time.perf_counter()
-    args, kwargs = op.make_inputs(feats, device, seed)
-    ref_args = tuple(_clone(a) for a in args)
-    ref_kwargs = {k: _clone(v) for k, v in kwargs.items()}
-    # A kernel of a coarser precision class is judged against its class's semantics.
-    expected = op.reference_for(kernel.precision)(*ref_args, **ref_kwargs)
-    try:
-        fn = apply_transform(kernel.bind(config), op, transform) if transform else kernel.bind(config)
-        positional = op.positional(args, kwargs)
-        with poisoned_outputs():
-            got = fn(*positional)
-        _synchronize(device)
-    except Exception as e:
-        return VerifyResult(status="error", detail=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - start, **base)
-    comparison = op.compare_for(kernel.precision)(got, expected, feats)
-    return VerifyResult(
-        status="pass" if comparison.passed else "fail",
-        metrics=dict(comparison.metrics),
-        detail=comparison.detail,
-        seconds=time.perf_counter() - start,
-        **base,
-    )
-
-
-def _synchronize(device: str) -> None:
-    if str(device).startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
+    result = check_numerics(op, kernel, feats, device=device, seed=seed, config=config, transform=transform,
+                            nonfinite=nonfinite)
+    # The check's statuses (pass, fail, error, unsupported) are verify's.
+    return VerifyResult(status=result.status, metrics=dict(result.metrics), detail=result.detail,
+                        seconds=result.seconds, **base)

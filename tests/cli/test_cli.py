@@ -75,6 +75,21 @@ def test_verify_toy_kernels(capsys):
     assert statuses[("chunked", 8)] == "pass"
 
 
+def test_verify_nonfinite_skips_ops_without_nonfinite_inputs(capsys, monkeypatch):
+    import dataclasses
+
+    from kernmux.dispatch.registry import REGISTRY
+
+    op = REGISTRY.op("toy_attention")
+    if getattr(op, "make_nonfinite_inputs", None) is not None:  # an Op field that may be set
+        monkeypatch.setitem(REGISTRY.ops, "toy_attention", dataclasses.replace(op, make_nonfinite_inputs=None))
+    code, out, _ = run(capsys, "verify", "toy_attention", "--kernels", "torch", "--seed", "1", "--nonfinite", "--json")
+    data = json.loads(out)
+    assert code == 1 and data["ran"] == 0, "nothing could run: a failed check, never a pass"
+    assert {r["status"] for r in data["results"]} == {"unsupported"}
+    assert all("make_nonfinite_inputs" in r["detail"] for r in data["results"])
+
+
 def test_ops_lists_real_ops_json(capsys):
     code, out, _ = run(capsys, "ops", "--json")
     assert code == 0

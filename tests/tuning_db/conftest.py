@@ -173,7 +173,7 @@ def store_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def store(store_url: str) -> Iterator[Any]:
-    from kernmux.tuning_db.store import TuningStore
+    from kernmux.tuning_db.storage.store import TuningStore
 
     s = TuningStore(store_url)
     yield s
@@ -197,7 +197,7 @@ def platform() -> Any:
 @pytest.fixture
 def make_trial(platform: Any) -> Callable[..., Any]:
     """make_trial(**overrides) -> TrialRecord: an ok triton trial on ``platform``."""
-    from kernmux.tuning_db.store import TrialRecord
+    from kernmux.tuning_db.storage.records import TrialRecord
 
     def make(*, on: Any = None, **overrides: Any) -> TrialRecord:
         fields: dict[str, Any] = dict(

@@ -7,7 +7,7 @@ import pathlib
 import subprocess
 import sys
 
-from kernmux.tuning_db.store import TuningStore
+from kernmux.tuning_db.storage.store import TuningStore
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKERS, ROWS = 4, 50

@@ -9,8 +9,8 @@ import sys
 import sqlalchemy as sa
 
 from kernmux.cli.main import main
-from kernmux.tuning_db import migrations
-from kernmux.tuning_db.store import TuningStore
+from kernmux.tuning_db.storage import migrations
+from kernmux.tuning_db.storage.store import TuningStore
 
 
 def _run(capsys, *argv):
@@ -95,7 +95,7 @@ def test_export_import_merge_report(capsys, tmp_path, make_trial):
 def test_rules_derive_uses_the_store(capsys, sqlite_url, tmp_path):
     from kernmux.dispatch.platform import Platform
     from kernmux.dispatch.registry import REGISTRY
-    from kernmux.tuning_db.store import TrialRecord
+    from kernmux.tuning_db.storage.records import TrialRecord
 
     features = REGISTRY.op("toy_attention").default_features()
     cpu = Platform(libs={"torch": "2.13.0"})

@@ -11,9 +11,9 @@ from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.registry import REGISTRY
 from kernmux.rules.lint import lint_files
 from kernmux.rules.loader import load_rule_file
-from kernmux.tuning_db.derive import derive_rules, rules_by_kernel
-from kernmux.tuning_db.report import collect, write_report
-from kernmux.tuning_db.store import TrialRecord
+from kernmux.tuning_db.storage.records import TrialRecord
+from kernmux.tuning_db.tuning.derive import derive_rules, rules_by_kernel
+from kernmux.tuning_db.tuning.report import collect, write_report
 
 CPU = Platform(vendor="cpu", arch="cpu", device="cpu", units=2, libs={"torch": "2.13.0"})
 OP = "toy_attention"
@@ -85,7 +85,7 @@ def test_derived_rules_are_lint_clean_and_carry_evidence(failures, tmp_path):
 def test_derive_for_one_op_and_for_no_failures(failures, tmp_path):
     text, count = derive_rules(failures, op="ghost_op")
     assert count == 0 and yaml.safe_load(text) == {"version": 1, "rules": []}
-    from kernmux.tuning_db.store import TuningStore
+    from kernmux.tuning_db.storage.store import TuningStore
 
     with TuningStore(f"sqlite:///{tmp_path / 'empty.sqlite'}") as empty:
         text, count = derive_rules(empty)
@@ -106,7 +106,7 @@ def test_report_is_self_contained_html(failures, tmp_path):
 
 
 def test_report_sections_follow_platform_and_versions(sqlite_url):
-    from kernmux.tuning_db.store import TuningStore
+    from kernmux.tuning_db.storage.store import TuningStore
 
     other = CPU.with_overrides(libs={"torch": "2.12.0"})
     with TuningStore(sqlite_url) as store:

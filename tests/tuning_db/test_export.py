@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from kernmux.tuning_db.export import (
+from kernmux.tuning_db.storage.errors import TuningDBError
+from kernmux.tuning_db.storage.store import TuningStore
+from kernmux.tuning_db.tuning.export import (
     FORMAT,
     VERSION,
     ExportFormatError,
@@ -18,7 +20,6 @@ from kernmux.tuning_db.export import (
     merge,
     write_export,
 )
-from kernmux.tuning_db.store import TuningDBError, TuningStore
 
 
 def _fill(store, make_trial, platform):

@@ -8,10 +8,12 @@ import datetime as dt
 import pytest
 import sqlalchemy as sa
 
-from kernmux.tuning_db import migrations
-from kernmux.tuning_db.models import Base, is_kernmux_table
-from kernmux.tuning_db.source import open_source
-from kernmux.tuning_db.store import SchemaMismatchError, TuningStore, content_hash
+from kernmux.tuning_db.storage import migrations
+from kernmux.tuning_db.storage.errors import SchemaMismatchError
+from kernmux.tuning_db.storage.models import Base, is_kernmux_table
+from kernmux.tuning_db.storage.records import content_hash
+from kernmux.tuning_db.storage.source import open_source
+from kernmux.tuning_db.storage.store import TuningStore
 
 FIRST = "0001_initial"
 
@@ -39,7 +41,7 @@ def _insert_first_schema_row(url: str) -> dict:
         metrics={"max_abs_err": 0.0}, error=None, libs={"torch": "2.9.0", "triton": "3.5.0"},
         study="old-study", trial_number=3, created_at=dt.datetime(2026, 1, 2, 3, 4, 5, 678901),
     )
-    from kernmux.tuning_db.store import TrialRecord
+    from kernmux.tuning_db.storage.records import TrialRecord
 
     record = TrialRecord(**{k: v for k, v in values.items() if k != "bucket_key"})
     values["content_hash"] = content_hash(record)
@@ -79,6 +81,49 @@ def test_upgrade_database_created_by_first_schema(store_url):
         assert row.content_hash == values["content_hash"] == content_hash(row)
         inspector = sa.inspect(store.engine)
         assert "ix_kernmux_trials_study" in {ix["name"] for ix in inspector.get_indexes("kernmux_trials")}
+
+
+@pytest.mark.parametrize("earlier", migrations.known_revisions()[:-1])
+def test_every_earlier_schema_upgrades_to_head(store_url, earlier):
+    """A database made by any earlier kernmux, holding a row, upgrades to head: its row is
+    kept and every later table exists (0003: the measured ceilings)."""
+    _create_at(store_url, earlier)
+    values = _insert_row_as_written_at(store_url, earlier)
+    with TuningStore(store_url, check=False) as store:
+        assert store.revision() == earlier and store.schema_status() == "older"
+        store.upgrade()
+        assert store.schema_status() == "current" and store.revision() == migrations.head_revision()
+        assert {"kernmux_trials", "kernmux_ceilings"} <= set(sa.inspect(store.engine).get_table_names())
+        [row] = store.rows()
+        assert row.content_hash == values["content_hash"] == content_hash(row)
+        assert row.host == values.get("host")
+        from kernmux.tuning_db.storage.ceiling_store import CeilingRecord, latest_ceilings, record_ceilings
+
+        record_ceilings(store, CeilingRecord(fingerprint="cuda:sm_90:abc", device="H200", bandwidth_tbs=4.27, tflops=797.0))
+        assert latest_ceilings(store, "cuda:sm_90:abc").tflops == 797.0
+
+
+def _insert_row_as_written_at(url: str, revision: str) -> dict:
+    if revision == FIRST:
+        return _insert_first_schema_row(url)
+    # From 0002 on, rows carry the measuring host (not part of the identity hash).
+    values = dict(
+        fingerprint="cuda:sm_90:abc", platform={"vendor": "cuda"}, op="moe_topk_softmax", bucket={"tokens": 16},
+        bucket_key='{"tokens":16}', features={"tokens": 13}, kernel="torch", config={}, status="ok", p50_us=20.0,
+        p20_us=19.0, p80_us=21.0, reps=10, metrics={}, error=None, libs={"torch": "2.9.0"}, study=None,
+        trial_number=None, created_at=dt.datetime(2026, 6, 1, 12, 0, 0), host="old-host",
+    )
+    from kernmux.tuning_db.storage.records import TrialRecord
+
+    values["content_hash"] = content_hash(TrialRecord(**{k: v for k, v in values.items() if k != "bucket_key"}))
+    engine = _engine(url)
+    try:
+        table = sa.Table("kernmux_trials", sa.MetaData(), autoload_with=engine)
+        with engine.begin() as conn:
+            conn.execute(table.insert().values(**values))
+    finally:
+        engine.dispose()
+    return values
 
 
 def test_downgrade_then_upgrade_keeps_rows_and_constraints(store_url, make_trial):

@@ -12,7 +12,7 @@ optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
 
 from kernmux.dispatch.platform import current_platform  # noqa: E402
-from kernmux.tuning_db.search import (  # noqa: E402
+from kernmux.tuning_db.tuning.search import (  # noqa: E402
     Evaluation,
     Point,
     SearchSpace,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.tuning import TuningPick
-from kernmux.tuning_db.source import open_tuning_source
-from kernmux.tuning_db.source import TuningSource, open_source
-from kernmux.tuning_db.store import TuningStore
+from kernmux.tuning_db.storage.source import TuningSource, open_source, open_tuning_source
+from kernmux.tuning_db.storage.store import TuningStore
 
 
 def test_missing_sqlite_file_gives_no_source_and_is_not_created(tmp_path):
@@ -107,7 +106,7 @@ class TestTuningSourceContract:
 
 
 def _raise_db_error():
-    from kernmux.tuning_db.store import TuningDBError
+    from kernmux.tuning_db.storage.errors import TuningDBError
 
     raise TuningDBError("connection refused")
 
@@ -123,7 +122,7 @@ def test_core_hook_opens_this_source(sqlite_url, make_trial):
 def test_core_hook_reports_an_older_schema(sqlite_url):
     import sqlalchemy as sa
 
-    from kernmux.tuning_db import migrations
+    from kernmux.tuning_db.storage import migrations
 
     engine = sa.create_engine(sqlite_url)
     with engine.connect() as conn:
@@ -140,7 +139,7 @@ def test_resolver_uses_the_fastest_row_and_explains_it(sqlite_url):
     from kernmux.dispatch.registry import REGISTRY
     from kernmux.dispatch.resolver import resolve
     from kernmux.dispatch.rule_model import RuleSet
-    from kernmux.tuning_db.store import TrialRecord
+    from kernmux.tuning_db.storage.records import TrialRecord
 
     op = REGISTRY.op("toy_attention")
     platform = Platform(vendor="cpu", arch="cpu", device="cpu", units=2, libs={"torch": "2.13.0"})

@@ -10,8 +10,9 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from kernmux.tuning_db.paths import default_db_path, default_url, normalize_url, sqlite_path
-from kernmux.tuning_db.store import TuningDBError, TuningStore
+from kernmux.tuning_db.storage.errors import TuningDBError
+from kernmux.tuning_db.storage.paths import default_db_path, default_url, normalize_url, sqlite_path
+from kernmux.tuning_db.storage.store import TuningStore
 
 
 def test_default_location_is_the_user_cache(monkeypatch):
@@ -81,10 +82,10 @@ def test_lock_errors_are_retried_and_others_are_not(sqlite_url):
 
 
 def test_a_lock_held_past_the_busy_timeout_is_a_typed_error(sqlite_url, make_trial, monkeypatch):
-    from kernmux.tuning_db import store as store_module
+    from kernmux.tuning_db.storage import engine as engine_module
 
     TuningStore(sqlite_url).close()
-    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(engine_module, "BUSY_TIMEOUT_S", 0.3)
     with TuningStore(sqlite_url) as store:
         holder = sqlite3.connect(sqlite_path(sqlite_url), isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")

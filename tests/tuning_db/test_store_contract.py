@@ -11,18 +11,11 @@ import math
 import pytest
 import sqlalchemy as sa
 
-from kernmux.tuning_db.models import Trial
-from kernmux.tuning_db.store import (
-    InvalidTrialError,
-    SchemaMismatchError,
-    TrialRecord,
-    TuningDBError,
-    TuningStore,
-    bucket_key,
-    choose_best,
-    content_hash,
-    relevant_libs,
-)
+from kernmux.tuning_db.storage.errors import InvalidTrialError, SchemaMismatchError, TuningDBError
+from kernmux.tuning_db.storage.models import Trial
+from kernmux.tuning_db.storage.records import TrialRecord, bucket_key, content_hash, relevant_libs
+from kernmux.tuning_db.storage.selection import choose_best
+from kernmux.tuning_db.storage.store import TuningStore
 
 
 class TestTuningStoreContract:

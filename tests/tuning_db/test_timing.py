@@ -1,10 +1,12 @@
-"""The shared timing routine on CPU (the CUDA paths run in benchmarks/ on a GPU)."""
+"""The shared timing routine's CPU clock path: CPU only by design (``device="cpu"`` in
+every call, whatever the machine has). The CUDA-event, CUDA-graph and L2-flush paths are
+tested in ``test_timing_gpu.py`` (``gpu`` marker)."""
 
 import time
 
 import pytest
 
-from kernmux.tuning_db.timing import measure
+from kernmux.tuning_db.measurement.timing import measure
 
 
 def test_cpu_quantiles_are_ordered_and_plausible():

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from kernmux.dispatch.platform import current_platform
-from kernmux.tuning_db.trial import TrialSpec, config_points, json_safe, run_trial
-from kernmux.tuning_db.worker import TrialWorker
+from kernmux.tuning_db.measurement.trial import TrialSpec, config_points, json_safe, run_trial
+from kernmux.tuning_db.measurement.worker import TrialWorker
 from tests.tuning_db import fault_kernels
 
 OP = fault_kernels.OP
@@ -116,7 +116,7 @@ def test_launch_bound_problems_prefer_graph_timing():
     """Tiny rooflines are timed by graph replay; large ones by events; CPU never by graphs."""
     from kernmux.dispatch.platform import Platform
     from kernmux.dispatch.registry import REGISTRY
-    from kernmux.tuning_db.timing import prefers_cuda_graph
+    from kernmux.tuning_db.measurement.timing import prefers_cuda_graph
 
     h100 = Platform(vendor="cuda", arch="sm_90", device="NVIDIA H100 80GB HBM3", units=132)
     op = REGISTRY.op("toy_attention")

@@ -10,8 +10,8 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from kernmux.tuning_db.store import TuningStore  # noqa: E402
-from kernmux.tuning_db.tuner import TuneSettings, _agent_envs, make_plans, open_study_storage, tune  # noqa: E402
+from kernmux.tuning_db.storage.store import TuningStore  # noqa: E402
+from kernmux.tuning_db.tuning.tuner import TuneSettings, _agent_envs, make_plans, open_study_storage, tune  # noqa: E402
 from tests.tuning_db import fault_kernels  # noqa: E402
 
 OP = fault_kernels.OP
@@ -32,7 +32,7 @@ def _measured_trials(url: str, study: str) -> list:
 
 
 def test_fault_sweep_records_each_failure_and_the_good_kernel_wins(sqlite_url):
-    from kernmux.tuning_db.derive import derive_rules, rules_by_kernel
+    from kernmux.tuning_db.tuning.derive import derive_rules, rules_by_kernel
 
     kernels = ("good", *fault_kernels.BAD_KERNELS)
     settings = _settings(sqlite_url, kernels=kernels, sampler="grid", trials=1000, baseline=None)

@@ -14,7 +14,8 @@ import sys
 import time
 
 from kernmux.dispatch.platform import Platform
-from kernmux.tuning_db.store import TrialRecord, TuningStore
+from kernmux.tuning_db.storage.records import TrialRecord
+from kernmux.tuning_db.storage.store import TuningStore
 
 
 def main(url: str, worker: int, n: int, go_file: str) -> None:

@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kernmux.tuning_db.store import TrialRecord
-    from kernmux.tuning_db.trial import TrialSpec
+    from kernmux.tuning_db.measurement.trial import TrialSpec
+    from kernmux.tuning_db.storage.records import TrialRecord
 
 _CTX = multiprocessing.get_context("spawn")
 
@@ -55,7 +55,7 @@ def _serve(conn: Any, imports: Sequence[str], env: Mapping[str, str]) -> None:
         for module in imports:
             importlib.import_module(module)
         from kernmux.dispatch.platform import current_platform
-        from kernmux.tuning_db.trial import base_record, cuda_context_broken, run_trial
+        from kernmux.tuning_db.measurement.trial import base_record, cuda_context_broken, run_trial
 
         platform = current_platform()
     except BaseException as e:  # report why the worker cannot start, then exit
@@ -174,7 +174,7 @@ class TrialWorker:
 
         timeout_s: wall-clock limit of the trial itself (child start-up not included);
             it covers compilation, the numerics gate and timing."""
-        from kernmux.tuning_db.trial import base_record
+        from kernmux.tuning_db.measurement.trial import base_record
 
         if self._proc is None or not self._proc.is_alive():
             self._forget()
@@ -227,7 +227,7 @@ class InProcessRunner:
             importlib.import_module(module)
 
     def run(self, spec: TrialSpec, timeout_s: float) -> TrialRecord:
-        from kernmux.tuning_db.trial import run_trial
+        from kernmux.tuning_db.measurement.trial import run_trial
 
         return run_trial(spec)
 

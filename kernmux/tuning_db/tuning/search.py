@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,7 +113,7 @@ def build_space(
     kernels: restrict to these names (unknown names raise ValueError naming the known
         ones). Test-only kernels are searched only when named, or when the op has no
         other kind."""
-    from kernmux.tuning_db.trial import config_points
+    from kernmux.tuning_db.measurement.trial import config_points
 
     registered = REGISTRY.kernels_of(op)
     if kernels:
@@ -388,19 +387,3 @@ def fail_stale_trials(study: Any, storage: Any, older_than_s: float) -> int:
             storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
             marked += 1
     return marked
-
-
-def retrying(fn: Callable[[], Any], *, attempts: int = 8, what: str = "storage call") -> Any:
-    """Call ``fn``, retrying transient database errors (locked SQLite, dropped connection)."""
-    delay = 0.05
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception as e:
-            text = f"{type(e).__name__}: {e}".lower()
-            transient = any(s in text for s in ("locked", "busy", "deadlock", "could not serialize", "connection"))
-            if not transient or attempt == attempts - 1:
-                raise
-            time.sleep(delay * (1 + random.random()))
-            delay = min(delay * 2, 2.0)
-    raise AssertionError("unreachable")

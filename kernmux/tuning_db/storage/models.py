@@ -16,9 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-STATUSES = ("ok", "numerics_failed", "crashed", "timeout", "error", "unsupported")
-# Statuses that mean "this kernel/config gave a wrong answer or did not finish".
-FAILURE_STATUSES = ("numerics_failed", "crashed", "timeout", "error")
+from kernmux.tuning_db.storage.records import STATUSES
 
 TABLE_PREFIX = "kernmux_"
 VERSION_TABLE = "kernmux_alembic_version"
@@ -67,7 +65,7 @@ class Trial(Base):
     Rows are only ever inserted: re-measuring adds a row, "best" is a query.
     ``bucket_key`` is the canonical JSON of ``bucket`` (sorted keys, no spaces) so that
     lookups compare one indexed string. ``content_hash`` identifies the row's content
-    (see :func:`kernmux.tuning_db.store.content_hash`) and makes merges idempotent.
+    (see :func:`kernmux.tuning_db.storage.records.content_hash`) and makes merges idempotent.
     """
 
     __tablename__ = "kernmux_trials"
@@ -109,6 +107,36 @@ class Trial(Base):
             f"<Trial {self.id} {self.op}/{self.kernel} {self.status} "
             f"p50={self.p50_us} bucket={self.bucket_key}>"
         )
+
+
+class CeilingMeasurement(Base):
+    """One measurement of a device's roofline ceilings (revision 0003).
+
+    bandwidth_tbs: device-to-device copy, (bytes read + written) / time, TB/s.
+    tflops: dense bf16 matmul, 2 n^3 / time, TFLOP/s. method: sizes, repetitions and
+    medians behind the two numbers. Rows are only inserted; the newest row of a
+    fingerprint is the one in use (re-measuring adds a row).
+    """
+
+    __tablename__ = "kernmux_ceilings"
+    __table_args__ = (
+        sa.CheckConstraint("bandwidth_tbs > 0 AND tflops > 0", name="positive"),
+        sa.Index("ix_kernmux_ceilings_fingerprint", "fingerprint", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    fingerprint: Mapped[str] = mapped_column(sa.String(128))
+    device: Mapped[str] = mapped_column(sa.String(256))
+    platform: Mapped[dict] = mapped_column(sa.JSON)
+    bandwidth_tbs: Mapped[float] = mapped_column(sa.Float)
+    tflops: Mapped[float] = mapped_column(sa.Float)
+    method: Mapped[dict] = mapped_column(sa.JSON)
+    libs: Mapped[dict] = mapped_column(sa.JSON)
+    host: Mapped[str | None] = mapped_column(sa.String(255))
+    measured_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+    def __repr__(self) -> str:
+        return f"<CeilingMeasurement {self.id} {self.device} {self.bandwidth_tbs} TB/s {self.tflops} TFLOP/s>"
 
 
 def is_kernmux_table(name: str | None) -> bool:

@@ -24,17 +24,11 @@ from typing import IO, Any
 
 import sqlalchemy as sa
 
-from kernmux.tuning_db.models import Trial
-from kernmux.tuning_db.paths import normalize_url
-from kernmux.tuning_db.store import (
-    RECORD_FIELDS,
-    InvalidTrialError,
-    TrialRecord,
-    TuningDBError,
-    TuningStore,
-    _values,
-    normalize_record,
-)
+from kernmux.tuning_db.storage.errors import InvalidTrialError, TuningDBError
+from kernmux.tuning_db.storage.models import Trial
+from kernmux.tuning_db.storage.paths import normalize_url
+from kernmux.tuning_db.storage.records import RECORD_FIELDS, TrialRecord, normalize_record, stored_values
+from kernmux.tuning_db.storage.store import TuningStore
 
 FORMAT = "kernmux-tuning"
 VERSION = 1
@@ -168,7 +162,7 @@ def import_rows(store: TuningStore, rows: Sequence[Any]) -> ImportReport:
     for index, data in enumerate(rows):
         try:
             record, claimed = record_from_dict(data)
-            values = _values(record)
+            values = stored_values(record)
         except InvalidTrialError as e:
             report.bad.append((index, str(e)))
             continue

@@ -1,10 +1,12 @@
 """Side-by-side timings of an op's kernels, with the fraction of roofline reached.
 
-Each (feature set, kernel) is one trial (:func:`kernmux.tuning_db.trial.run_trial`):
+Each (feature set, kernel) is one trial (:func:`kernmux.tuning_db.measurement.trial.run_trial`):
 fresh inputs, the numerics gate, then the shared timing routine — so a wrong kernel
 shows as ``numerics_failed`` instead of a fast time. The roofline floor is
-``op.roofline(features, platform)`` over the measured ceilings of this GPU
-(:mod:`kernmux.tuning_db.ceilings`); without measured ceilings no fraction is given.
+``op.roofline(features, platform)`` over the ceilings measured on this GPU
+(:func:`kernmux.tuning_db.measurement.ceilings.device_ceilings`: measured on first
+need, kept in the tuning database); on CPU, or when they cannot be measured, no
+fraction is given.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from kernmux.dispatch.platform import Platform, current_platform
 from kernmux.dispatch.registry import REGISTRY
-from kernmux.tuning_db.ceilings import Ceilings, ceilings_for
+from kernmux.tuning_db.measurement.ceilings import Ceilings, device_ceilings
 
 
 @dataclass(frozen=True)
@@ -71,14 +73,23 @@ def bench(
     isolate: bool = False,
     timeout_s: float = 300.0,
     platform: Platform | None = None,
+    ceilings: Ceilings | None = None,
+    find_ceilings: bool = True,
+    db_url: str | None = None,
 ) -> tuple[list[BenchRow], Ceilings | None]:
-    """Time every kernel on every feature set; returns rows and the ceilings used."""
-    from kernmux.tuning_db.trial import TrialSpec
-    from kernmux.tuning_db.worker import InProcessRunner, TrialWorker
+    """Time every kernel on every feature set; returns rows and the ceilings used.
+
+    ceilings: the roofline denominators to use; when None and ``find_ceilings``, the
+    device's are looked up or measured (:func:`device_ceilings`, cached in the tuning
+    database at ``db_url``) if any feature set runs on CUDA."""
+    from kernmux.tuning_db.measurement.trial import TrialSpec
+    from kernmux.tuning_db.measurement.worker import InProcessRunner, TrialWorker
 
     platform = platform or current_platform()
     the_op = REGISTRY.op(op)
-    ceilings = ceilings_for(platform.device) if platform.vendor != "cpu" else None
+    on_gpu = any(features.get("device") == "cuda" for features in feature_sets)
+    if ceilings is None and find_ceilings and on_gpu:
+        ceilings, _ = device_ceilings(platform, db_url=db_url)
     rows = []
     runner = TrialWorker() if isolate else InProcessRunner()
     with runner:

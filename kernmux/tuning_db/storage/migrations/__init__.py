@@ -15,7 +15,7 @@ from __future__ import annotations
 import pathlib
 from typing import TYPE_CHECKING
 
-from kernmux.tuning_db.models import VERSION_TABLE
+from kernmux.tuning_db.storage.models import VERSION_TABLE
 
 if TYPE_CHECKING:
     import sqlalchemy as sa

@@ -1,13 +1,15 @@
 """One trial: is this (kernel, config) right on fresh inputs, and how fast is it?
 
-A trial draws fresh inputs with ``op.make_inputs`` (seeded), runs the op's reference,
-runs the kernel with poisoned outputs (an element it forgets to write is NaN / int-min),
-and judges the outputs with ``op.compare`` — the numerics gate. Only a kernel that
-passes is timed, with the one timing routine (:func:`kernmux.tuning_db.timing.measure`).
-Every outcome is a :class:`~kernmux.tuning_db.store.TrialRecord`; an exception is a
+The numerics gate is the one numerics check (:func:`kernmux.dispatch.numerics.check_numerics`,
+shared with ``kernmux verify`` and the benchmarks): fresh seeded inputs from
+``op.make_inputs``, the reference on clones, the kernel called as the hot path calls it
+with poisoned outputs (an element it forgets to write is NaN / int-min), ``op.compare``.
+Only a kernel that passes is timed, on the very call that was checked, with the one
+timing routine (:func:`kernmux.tuning_db.measurement.timing.measure`).
+Every outcome is a :class:`~kernmux.tuning_db.storage.records.TrialRecord`; an exception is a
 result (status ``error``), never the end of a sweep.
 
-This module runs a trial in the calling process; :mod:`kernmux.tuning_db.worker` runs
+This module runs a trial in the calling process; :mod:`kernmux.tuning_db.measurement.worker` runs
 it in a subprocess so that a kernel that aborts, hangs or poisons the CUDA context
 costs one trial.
 """
@@ -23,7 +25,7 @@ from typing import Any
 
 from kernmux.dispatch.platform import Platform, current_platform
 from kernmux.dispatch.registry import REGISTRY, Kernel
-from kernmux.tuning_db.store import TrialRecord, relevant_libs
+from kernmux.tuning_db.storage.records import TrialRecord, relevant_libs
 
 # Errors are stored as text; a traceback tail is enough to find the line.
 _MAX_ERROR_CHARS = 2000
@@ -158,25 +160,6 @@ def config_points(kernel: Kernel, features: Mapping[str, Any]) -> list[dict[str,
     return points
 
 
-def _cloned(value: Any) -> Any:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, tuple):
-        return tuple(_cloned(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _cloned(v) for k, v in value.items()}
-    return value
-
-
-def _synchronize(device: str) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _error_text(e: BaseException) -> str:
     """"Class: message (at file:line in function)" of the innermost frame."""
     text = f"{type(e).__name__}: {e}"
@@ -212,27 +195,20 @@ def run_trial(spec: TrialSpec, platform: Platform | None = None) -> TrialRecord:
 
 
 def _gate_and_time(spec: TrialSpec, op: Any, kernel: Kernel, config: dict, platform: Platform) -> TrialRecord:
-    from kernmux.dispatch.outputs import poisoned_outputs
-    from kernmux.tuning_db.timing import measure, prefers_cuda_graph
+    from kernmux.dispatch.numerics import check_numerics
+    from kernmux.tuning_db.measurement.timing import measure, prefers_cuda_graph
 
-    fn = kernel.bind(config)
-    args, kwargs = op.make_inputs(spec.features, spec.device, spec.seed)
-    # The reference sees copies: a kernel (or reference) that writes into its inputs
-    # must not make the other one look right.
-    reference = op.reference_for(kernel.precision)(*_cloned(args), **_cloned(kwargs))
-    with poisoned_outputs():
-        outputs = fn(*args, **kwargs)
-    _synchronize(spec.device)
-    comparison = op.compare_for(kernel.precision)(outputs, reference, spec.features)
-    metrics = json_safe(comparison.metrics)
-    if not comparison.passed:
+    check = check_numerics(op, kernel, spec.features, device=spec.device, seed=spec.seed, config=config)
+    if check.status == "error":  # the kernel raised: the record says where
+        return base_record(spec, platform, status="error", error=_error_text(check.error))
+    metrics = json_safe(check.metrics)
+    if not check.passed:
         return base_record(
             spec, platform, status="numerics_failed", metrics=metrics,
-            error=f"numerics: {comparison.detail}"[:_MAX_ERROR_CHARS],
+            error=f"numerics: {check.detail}"[:_MAX_ERROR_CHARS],
         )
-    del outputs, reference
     timing = measure(
-        lambda: fn(*args, **kwargs),
+        check.call,
         device=spec.device,
         warmup_ms=spec.warmup_ms,
         rep_ms=spec.rep_ms,

@@ -23,9 +23,12 @@ import sqlalchemy as sa
 
 from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.tuning import TuningPick
-from kernmux.tuning_db.models import FAILURE_STATUSES, Trial
-from kernmux.tuning_db.paths import default_db_path, default_url, normalize_url, sqlite_path
-from kernmux.tuning_db.store import TuningDBError, TuningStore, bucket_key, choose_best, describe_row
+from kernmux.tuning_db.storage.errors import TuningDBError
+from kernmux.tuning_db.storage.models import Trial
+from kernmux.tuning_db.storage.paths import default_db_path, default_url, normalize_url, sqlite_path
+from kernmux.tuning_db.storage.records import FAILURE_STATUSES, bucket_key
+from kernmux.tuning_db.storage.selection import choose_best, describe_row
+from kernmux.tuning_db.storage.store import TuningStore
 
 log = logging.getLogger("kernmux")
 

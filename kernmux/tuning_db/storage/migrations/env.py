@@ -5,9 +5,9 @@ optuna's RDB storage may live in the same database (its own tables and its own
 ``include_object``/``include_name`` hide every table it does not own, so neither
 ``upgrade`` nor ``autogenerate`` ever touches optuna's tables.
 
-Run programmatically by :mod:`kernmux.tuning_db.migrate` (a connection is passed in
+Run programmatically by :mod:`kernmux.tuning_db.storage.migrations` (a connection is passed in
 ``config.attributes["connection"]``), or from a checkout with
-``alembic -c kernmux/tuning_db/migrations/alembic.ini <command>`` (URL from KERNMUX_DB).
+``alembic -c kernmux/tuning_db/storage/migrations/alembic.ini <command>`` (URL from KERNMUX_DB).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context
 
-from kernmux.tuning_db.models import VERSION_TABLE, Base, is_kernmux_table
+from kernmux.tuning_db.storage.models import VERSION_TABLE, Base, is_kernmux_table
 
 config = context.config
 target_metadata = Base.metadata
@@ -80,7 +80,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    from kernmux.tuning_db.paths import default_url
+    from kernmux.tuning_db.storage.paths import default_url
 
     url = config.get_main_option("sqlalchemy.url") or default_url()
     engine = sa.create_engine(url)

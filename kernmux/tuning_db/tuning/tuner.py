@@ -1,10 +1,10 @@
 """``kernmux tune``: search kernel x config for each feature set and record every trial.
 
-For each feature set: build the search space (:mod:`kernmux.tuning_db.search`), open or
+For each feature set: build the search space (:mod:`kernmux.tuning_db.tuning.search`), open or
 resume its optuna study in the *same database* as the tuning store (optuna's RDB
 storage, its own tables beside the ``kernmux_`` ones), then run the ask/tell loop in
 one or more tuning processes. Each measurement is one trial in a worker subprocess
-(:mod:`kernmux.tuning_db.worker`): numerics gate, then timing. Every trial — failures
+(:mod:`kernmux.tuning_db.measurement.worker`): numerics gate, then timing. Every trial — failures
 included — becomes a store row carrying the study name and trial number.
 
 Sharing: ``workers=N`` starts N tuning processes on this host (with CUDA, one GPU each
@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kernmux.dispatch.platform import Platform, current_platform
-from kernmux.tuning_db.search import (
+from kernmux.tuning_db.storage.retry import is_transient_error, retry
+from kernmux.tuning_db.tuning.search import (
     Evaluation,
     Point,
     SearchSpace,
@@ -36,7 +37,6 @@ from kernmux.tuning_db.search import (
     fail_stale_trials,
     make_sampler,
     restrict,
-    retrying,
     run_search,
 )
 
@@ -138,7 +138,8 @@ def open_study_storage(url: str) -> Any:
     else:
         engine_kwargs = {"pool_pre_ping": True}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return retrying(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs), what="optuna storage")
+    return retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs), transient=is_transient_error,
+                 what="optuna storage")
 
 
 def study_name(op: str, features: Mapping[str, Any], platform: Platform, sampler: str, space: SearchSpace) -> str:
@@ -150,10 +151,11 @@ def study_name(op: str, features: Mapping[str, Any], platform: Platform, sampler
 def _load_study(name: str, storage: Any, sampler: Any) -> Any:
     import optuna
 
-    return retrying(
+    return retry(
         lambda: optuna.create_study(
             study_name=name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True
         ),
+        transient=is_transient_error,
         what="optuna study",
     )
 
@@ -211,9 +213,9 @@ def run_agent(
     """One tuning process: for each plan, join its study and measure until the budget."""
     import importlib
 
-    from kernmux.tuning_db.store import TuningStore
-    from kernmux.tuning_db.trial import TrialSpec
-    from kernmux.tuning_db.worker import InProcessRunner, TrialWorker
+    from kernmux.tuning_db.measurement.trial import TrialSpec
+    from kernmux.tuning_db.measurement.worker import InProcessRunner, TrialWorker
+    from kernmux.tuning_db.storage.store import TuningStore
 
     for module in settings.imports:
         importlib.import_module(module)
@@ -318,7 +320,7 @@ def _run_agents(settings: TuneSettings, plans: list[Plan], progress: Progress | 
 def prepare(settings: TuneSettings, plans: Sequence[Plan]) -> str:
     """Create the store schema and every study up front (no races between processes),
     mark trials left RUNNING by a dead run as failed; returns the database URL."""
-    from kernmux.tuning_db.store import TuningStore
+    from kernmux.tuning_db.storage.store import TuningStore
 
     with TuningStore(settings.url) as store:
         url = store.url
@@ -378,9 +380,10 @@ def _replace(settings: TuneSettings, **changes: Any) -> TuneSettings:
 
 def summarize(settings: TuneSettings, plans: Sequence[Plan], platform: Platform) -> list[BucketResult]:
     """Per feature set: rows and statuses of its study, the pick the dispatcher's rule
-    (:func:`kernmux.tuning_db.store.choose_best`) makes from them, and the speed-up over
+    (:func:`kernmux.tuning_db.storage.selection.choose_best`) makes from them, and the speed-up over
     the baseline kernel's best ok row."""
-    from kernmux.tuning_db.store import TuningStore, choose_best
+    from kernmux.tuning_db.storage.selection import choose_best
+    from kernmux.tuning_db.storage.store import TuningStore
 
     results = []
     with TuningStore(settings.url) as store:

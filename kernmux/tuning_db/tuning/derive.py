@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kernmux.tuning_db.models import FAILURE_STATUSES
-from kernmux.tuning_db.store import TrialRow, TuningStore
+from kernmux.tuning_db.storage.records import FAILURE_STATUSES, TrialRow
+from kernmux.tuning_db.storage.store import TuningStore
 
 _SKIP_FEATURES = {"device"}
 _MAX_EXAMPLES = 2

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kernmux.tuning_db.models import FAILURE_STATUSES
-from kernmux.tuning_db.store import TrialRow, TuningStore, config_key
+from kernmux.tuning_db.storage.records import FAILURE_STATUSES, TrialRow, config_key
+from kernmux.tuning_db.storage.store import TuningStore
 
 REFERENCE_KERNEL = "torch"
 _VERSION_LIBS = ("torch", "triton")

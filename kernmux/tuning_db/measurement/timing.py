@@ -208,16 +208,18 @@ def environment_row() -> dict[str, Any]:
 # than the kernel runs, so CUDA events around a single launch time the host, not the
 # kernel. Such problems are timed by CUDA-graph replay (what an engine under graphs sees).
 LAUNCH_BOUND_FLOOR_US = 10.0
+# The yardstick of that classification: fixed figures (an H100 SXM measurement of
+# 2026-11-22: copy 2.96 TB/s, bf16 matmul 699 TFLOP/s), so that one problem is timed by
+# the same method on every machine and in every run, and a study never mixes methods.
+# A classification threshold only: never a roofline denominator (those are measured on
+# the device at hand, :mod:`kernmux.tuning_db.measurement.ceilings`).
+LAUNCH_BOUND_YARDSTICK_TBS = 2.96
+LAUNCH_BOUND_YARDSTICK_TFLOPS = 699.0
 
 
-def prefers_cuda_graph(op, features, platform, ceiling=None) -> bool:
-    """True when ``op`` on ``features`` is launch-bound on this GPU (see above).
-
-    Uses the measured ceilings of the device when known, else H100 figures as a
-    conservative stand-in for "a modern datacenter GPU"."""
+def prefers_cuda_graph(op, features, platform) -> bool:
+    """True when ``op`` on ``features`` is launch-bound (see above); never on CPU."""
     if features.get("device", "cpu") == "cpu":
         return False
-    from kernmux.tuning_db.ceilings import MEASURED, ceilings_for
-
-    ceiling = ceiling or ceilings_for(platform.device) or MEASURED[0]
-    return ceiling.floor_us(op.roofline(features, platform)) < LAUNCH_BOUND_FLOOR_US
+    floor = op.roofline(features, platform).floor_us(LAUNCH_BOUND_YARDSTICK_TBS, LAUNCH_BOUND_YARDSTICK_TFLOPS)
+    return floor < LAUNCH_BOUND_FLOOR_US

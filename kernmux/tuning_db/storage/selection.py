@@ -1,0 +1,115 @@
+"""Which stored row is "best": one rule for the store, the resolver and the tuner.
+
+:func:`choose_best` picks the fastest usable ``ok`` row of one (op, bucket) among rows
+in memory (the resolver's index, a study's rows, a query's result) and says in notes
+what it ignored and why; :func:`describe_row` names a row for explain.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from kernmux.dispatch.platform import Platform
+from kernmux.tuning_db.storage.records import FAILURE_STATUSES, IGNORED_LIBS, as_utc, config_key
+
+
+class RowLike(Protocol):
+    id: int
+    fingerprint: str
+    kernel: str
+    config: Mapping[str, Any]
+    status: str
+    p50_us: float | None
+    libs: Mapping[str, str]
+
+
+def lib_mismatches(row_libs: Mapping[str, str], platform: Platform) -> list[tuple[str, str, str | None]]:
+    """(lib, recorded version, current version or None) for each recorded library whose
+    version differs on ``platform``. Libraries the row did not record are not compared."""
+    out = []
+    for name, version in sorted(row_libs.items()):
+        if name in IGNORED_LIBS:
+            continue
+        now = platform.libs.get(name)
+        if now != version:
+            out.append((name, version, now))
+    return out
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def choose_best(
+    rows: Iterable[RowLike], platform: Platform, allowed: Sequence[str] | None = None
+) -> tuple[RowLike | None, list[str]]:
+    """The fastest usable ``ok`` row among ``rows`` (all of one op and bucket), and notes.
+
+    Usable: same fingerprint as ``platform``; every recorded library version equal to
+    the platform's; kernel in ``allowed`` (None = any); and its (kernel, config) never
+    failed (numerics_failed, crashed, timeout, error) in a usable-platform trial of
+    this bucket. Ties go to the lower row id."""
+    fingerprint = platform.fingerprint()
+    other_fp = 0
+    lib_notes: Counter[tuple[str, str, str | None]] = Counter()
+    failed: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    not_allowed: Counter[str] = Counter()
+    candidates: list[RowLike] = []
+    for row in rows:
+        if row.fingerprint != fingerprint:
+            other_fp += row.status == "ok"
+            continue
+        mismatches = lib_mismatches(row.libs, platform)
+        if mismatches:
+            if row.status == "ok":
+                lib_notes.update(mismatches)
+            continue
+        if row.status in FAILURE_STATUSES:
+            failed[(row.kernel, config_key(row.config))][row.status] += 1
+            continue
+        if row.status != "ok":
+            continue
+        if allowed is not None and row.kernel not in allowed:
+            not_allowed[row.kernel] += 1
+            continue
+        candidates.append(row)
+    notes: list[str] = []
+    if other_fp:
+        notes.append(f"{_rows(other_fp)} from another platform fingerprint (not {fingerprint})")
+    for (name, then, now), n in sorted(lib_notes.items()):
+        notes.append(f"{_rows(n)} measured with {name} {then}, now {now or 'not installed'}")
+    if not_allowed:
+        listed = ", ".join(f"{k} ({n})" for k, n in sorted(not_allowed.items()))
+        notes.append(f"{_rows(sum(not_allowed.values()))} for kernels not allowed here: {listed}")
+    usable = []
+    excluded: Counter[str] = Counter()
+    excluded_why: dict[str, Counter[str]] = defaultdict(Counter)
+    for row in candidates:
+        why = failed.get((row.kernel, config_key(row.config)))
+        if why:
+            excluded[row.kernel] += 1
+            excluded_why[row.kernel].update(why)
+        else:
+            usable.append(row)
+    for kernel, n in sorted(excluded.items()):
+        statuses = ", ".join(f"{s} x{c}" for s, c in sorted(excluded_why[kernel].items()))
+        notes.append(f"{_rows(n)} of {kernel} ignored: the same config failed in this bucket ({statuses})")
+    if not usable:
+        return None, notes
+    return min(usable, key=lambda r: (r.p50_us, r.id)), notes
+
+
+def describe_row(row: Any) -> str:
+    """One line naming a row: id, kernel, config, timing, when (for explain)."""
+    created = getattr(row, "created_at", None)
+    when = as_utc(created).strftime("%Y-%m-%d %H:%M UTC") if created else "unknown time"
+    timing = f"p50 {row.p50_us:.2f} us" if row.p50_us is not None else "no timing"
+    if getattr(row, "p20_us", None) is not None and getattr(row, "p80_us", None) is not None:
+        timing += f" (p20 {row.p20_us:.2f}, p80 {row.p80_us:.2f}"
+        timing += f", {row.reps} reps)" if getattr(row, "reps", None) else ")"
+    config = f" {config_key(row.config)}" if row.config else ""
+    study = getattr(row, "study", None)
+    origin = f", study {study!r} trial {row.trial_number}" if study else ""
+    return f"tuning row {row.id}: {row.kernel}{config} {timing}, measured {when}{origin}"

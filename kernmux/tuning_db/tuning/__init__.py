@@ -1,0 +1,10 @@
+"""Tuning: what to measure, and what the measurements say.
+
+* ``search`` -- the space of kernel x config points and the optuna ask/tell loop.
+* ``tuner`` -- ``kernmux tune``: plans, studies in the tuning database, tuning processes.
+* ``derive`` -- deny rules (YAML with evidence) from recorded failures.
+* ``report`` -- an HTML heatmap of winners and speed-ups per bucket.
+* ``export`` -- versioned JSON export, validated import, idempotent merge.
+
+Built on :mod:`~kernmux.tuning_db.measurement` and :mod:`~kernmux.tuning_db.storage`.
+"""
