@@ -130,6 +130,9 @@ class Op:
     fake(*args, **kwargs): outputs with the right shapes/dtypes (torch.compile meta).
     bucket(features) -> dict: the tuning-database bucket (coarser than features).
     roofline(features, platform) -> Roofline.
+    make_nonfinite_inputs(features, device, seed) -> (args tuple, kwargs dict), optional:
+        inputs with NaN / inf planted where the reference defines the result (the op's
+        "NaN in, NaN out" cases); every kernel must match the reference on them.
     """
 
     name: str
@@ -146,6 +149,7 @@ class Op:
     head_axes: HeadAxes | None = None
     # Features that may be swept in verify/bench by default (CLI convenience).
     sweep_defaults: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    make_nonfinite_inputs: Callable[[Mapping[str, Any], Any, int], tuple[tuple, dict]] | None = None
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -175,7 +179,8 @@ class Op:
         The module (``kernels/<op>/spec.py``) defines ``OP_NAME``, ``reference``,
         ``FEATURE_SPECS``, ``features``, ``validate``, ``make_inputs``, ``compare``,
         ``fake``, ``bucket`` and ``roofline``; optionally ``DOC`` (default: the
-        reference's docstring), ``HEAD_AXES`` and ``SWEEP_DEFAULTS``."""
+        reference's docstring), ``HEAD_AXES``, ``SWEEP_DEFAULTS`` and
+        ``make_nonfinite_inputs``."""
         where = getattr(spec, "__name__", repr(spec))
         missing = [name for name in SPEC_REQUIRED if not hasattr(spec, name)]
         if missing:
@@ -195,6 +200,7 @@ class Op:
             roofline=spec.roofline,
             head_axes=getattr(spec, "HEAD_AXES", None),
             sweep_defaults=dict(getattr(spec, "SWEEP_DEFAULTS", {})),
+            make_nonfinite_inputs=getattr(spec, "make_nonfinite_inputs", None),
         )
 
     def default_features(self, device: str = "cpu") -> dict[str, Any]:
