@@ -51,8 +51,10 @@ FUSED_SHARED_MIN_VERSION = Version("0.1.12")
 FUSED_SHARED_COUNTS = frozenset({1, 2, 4, 8})
 #: First tag whose workspace path honours row strides (commit 0cad1d3a95, PR #4454).
 STRIDED_WORKSPACE_MIN_VERSION = Version("0.1.19.post1")
-#: Largest expert count with a single-kernel (power-of-two) instance.
+#: Largest expert count with a single-kernel (power-of-two) instance: 512 from v0.1.4,
+#: 256 in v0.1.1-v0.1.3.
 MAX_SINGLE_KERNEL_EXPERTS = 512
+_SINGLE_KERNEL_512_SINCE = Version("0.1.4")
 
 
 def aiter_version() -> str | None:
@@ -69,16 +71,18 @@ def _at_least(version: str | None, minimum: Version) -> bool:
         return False
 
 
-def workspace_path(experts: int) -> bool:
-    """Whether AITER routes ``experts`` through its softmax workspace (two kernels)."""
-    return experts > MAX_SINGLE_KERNEL_EXPERTS or experts & (experts - 1) != 0
+def workspace_path(experts: int, version: str | None = None) -> bool:
+    """Whether AITER routes ``experts`` through its softmax workspace (two kernels);
+    an unknown version counts as the oldest (the widest workspace range)."""
+    largest = MAX_SINGLE_KERNEL_EXPERTS if _at_least(version, _SINGLE_KERNEL_512_SINCE) else MAX_SINGLE_KERNEL_EXPERTS // 2
+    return experts > largest or experts & (experts - 1) != 0
 
 
 def strides_honoured(version: str | None, experts: int) -> bool:
     """Whether the installed AITER reads strided gating / writes strided outputs right
     for this expert count (always on the single-kernel path; from v0.1.19.post1 on the
     workspace path; an unknown version counts as not)."""
-    return not workspace_path(experts) or _at_least(version, STRIDED_WORKSPACE_MIN_VERSION)
+    return not workspace_path(experts, version) or _at_least(version, STRIDED_WORKSPACE_MIN_VERSION)
 
 
 def fused_shared_supported(version: str | None, num_shared: int, experts: int | None = None) -> bool:
