@@ -1,0 +1,88 @@
+"""GPU-only behaviour of the kernels (skipped without CUDA; the GPU suite runs it).
+
+The MoE top-k direct launcher (kernmux/kernels/moe_topk_softmax/direct_launch.py): the
+first call of a specialisation goes through Triton's launcher and is remembered; later
+calls of the same key launch the compiled kernel directly and must give identical
+results; a call that differs in anything Triton specialises on (a stride class, the
+padding mask) compiles and caches an entry of its own instead of reusing one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernmux.kernels.moe_topk_softmax import spec
+from kernmux.kernels.moe_topk_softmax import triton as topk_triton
+from kernmux.kernels.moe_topk_softmax.reference import moe_topk_softmax as reference
+
+pytestmark = pytest.mark.gpu
+
+
+def _feats(tokens, experts, topk, shared, padding=False):
+    return {"tokens": tokens, "experts": experts, "topk": topk, "shared": shared, "dtype": "bf16",
+            "renormalize": True, "padding": padding, "device": "cuda"}
+
+
+@pytest.fixture
+def launcher():
+    topk_triton.LAUNCHER.entries.clear()
+    if topk_triton.LAUNCHER.driver() is None:
+        pytest.skip(f"direct launch disabled on this Triton: {topk_triton.LAUNCHER.disabled_reason}")
+    yield topk_triton.LAUNCHER
+    topk_triton.LAUNCHER.entries.clear()
+
+
+def test_second_call_takes_the_direct_path_with_identical_results(launcher):
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    logits = torch.randn(7, 162, generator=gen, device="cuda").to(torch.bfloat16)
+    first = topk_triton.moe_topk_softmax(logits, 8, True, 2)
+    assert len(launcher.entries) == 1
+    (key,) = launcher.entries
+    calls = []
+    original = launcher.launch
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    launcher.launch = counting
+    try:
+        second = topk_triton.moe_topk_softmax(logits, 8, True, 2)
+    finally:
+        del launcher.launch
+    assert calls == [key]
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    result = spec.compare(second, reference(logits, 8, True, 2), _feats(7, 160, 8, 2))
+    assert result.passed, result.detail
+
+
+def test_a_new_stride_class_compiles_its_own_entry(launcher):
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    wide = torch.randn(7, 176, generator=gen, device="cuda").to(torch.bfloat16)
+    dense = wide[:, :162].contiguous()  # row stride 162
+    view = wide[:, :162]  # row stride 176, divisible by 16: Triton specialises on that
+    for logits in (dense, view):
+        got = topk_triton.moe_topk_softmax(logits, 8, True, 2)
+        result = spec.compare(got, reference(logits, 8, True, 2), _feats(7, 160, 8, 2))
+        assert result.passed, result.detail
+    assert len(launcher.entries) == 2
+    for logits in (dense, view):  # both replayed from their own entries
+        got = topk_triton.moe_topk_softmax(logits, 8, True, 2)
+        assert spec.compare(got, reference(logits, 8, True, 2), _feats(7, 160, 8, 2)).passed
+    assert len(launcher.entries) == 2
+
+
+def test_padding_mask_has_its_own_entry_and_survives_replay(launcher):
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    logits = torch.randn(9, 161, generator=gen, device="cuda").to(torch.bfloat16)
+    mask = torch.zeros(9, dtype=torch.bool, device="cuda")
+    mask[5:] = True
+    plain = topk_triton.moe_topk_softmax(logits, 6, True, 1)
+    padded = topk_triton.moe_topk_softmax(logits, 6, True, 1, mask)
+    assert len(launcher.entries) == 2
+    again = topk_triton.moe_topk_softmax(logits, 6, True, 1, mask)
+    assert torch.equal(padded[1], again[1])
+    assert (padded[1][5:] == -1).all() and torch.equal(padded[1][:5], plain[1][:5])
+    feats = _feats(9, 160, 6, 1, padding=True)
+    assert spec.compare(again, reference(logits, 6, True, 1, mask), feats).passed
