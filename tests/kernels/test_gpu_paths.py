@@ -86,3 +86,31 @@ def test_padding_mask_has_its_own_entry_and_survives_replay(launcher):
     assert (padded[1][5:] == -1).all() and torch.equal(padded[1][:5], plain[1][:5])
     feats = _feats(9, 160, 6, 1, padding=True)
     assert spec.compare(again, reference(logits, 6, True, 1, mask), feats).passed
+
+
+# ----------------------------------------------------------- sparse MLA: NaN fp8 bytes
+
+
+@pytest.mark.parametrize("fp8_mode", [0, 1, 2])
+def test_sparse_mla_nan_fp8_latent_byte_gives_nan_rows(fp8_mode):
+    """A NaN e4m3fn byte (0x7F) in a selected fp8 row: NaN in every head of that query,
+    as in the reference. (Triton's CPU interpreter decodes 0x7F as 480, so this case
+    is checked on the GPU only; make_nonfinite_inputs poisons the fp32 scale instead.)"""
+    from kernmux.dispatch.outputs import poisoned_outputs
+    from kernmux.dispatch.registry import REGISTRY
+
+    op = REGISTRY.op("sparse_mla_decode")
+    feats = {**op.default_features("cuda"), "batch": 4, "heads": 16, "topk": 64, "kv_dtype": "fp8", "extra_topk": 0}
+    args, kwargs = op.make_inputs(feats, "cuda", 5)
+    q, cache, indices = args[0], args[1].clone(), args[2]
+    flat = indices.reshape(-1, indices.shape[-1]).cpu()
+    query = next(i for i in range(flat.shape[0]) if (flat[i] >= 0).any())
+    slot = int(flat[query][flat[query] >= 0][0])
+    cache[slot // cache.shape[1], slot % cache.shape[1], 7] = 0x7F
+    args = (q, cache, *args[2:])
+    expected = op.reference(*args, **kwargs)
+    with poisoned_outputs():
+        got = REGISTRY.kernels_of("sparse_mla_decode")["triton"].bind({"FP8_MODE": fp8_mode})(*op.positional(args, kwargs))
+    result = op.compare(got, expected, feats)
+    assert result.passed, (result.detail, result.metrics)
+    assert result.metrics["nan_rows_expected"] >= 16
