@@ -114,3 +114,32 @@ def test_sparse_mla_nan_fp8_latent_byte_gives_nan_rows(fp8_mode):
     result = op.compare(got, expected, feats)
     assert result.passed, (result.detail, result.metrics)
     assert result.metrics["nan_rows_expected"] >= 16
+
+
+# ------------------------------------------------------------- indexer: NaN fp8 bytes
+
+
+@pytest.mark.parametrize("config", [{}, {"mma": "hk"}, {"mma": "kh", "joint": 1}])
+def test_indexer_nan_fp8_query_and_key_bytes_give_nan(config):
+    """NaN e4m3fn bytes in q and in a key: NaN logits where the reference has them
+    (relu keeps NaN). GPU-only: the interpreter decodes 0x7F as 480."""
+    from kernmux.dispatch.outputs import poisoned_outputs
+    from kernmux.dispatch.registry import REGISTRY
+
+    op = REGISTRY.op("indexer_logits")
+    feats = {"batch": 3, "next_n": 2, "heads": 32, "head_dim": 128, "context": 300, "block_size": 64, "device": "cuda"}
+    args, _ = op.make_inputs(feats, "cuda", 17)
+    q, k_cache, k_scale, weights, context_lens, block_table, max_context = args
+    q = q.clone()
+    q.view(torch.uint8)[0, 1, 3, 9] = 0x7F
+    position = int(context_lens[2]) // 2
+    page = int(block_table[2, position // 64])
+    k_cache.view(torch.uint8)[page, position % 64, 5] = 0x7F  # a view of the fused buffer
+    args = (q, k_cache, k_scale, weights, context_lens, block_table, max_context)
+    expected = op.reference(*args)
+    kernel = REGISTRY.kernels_of("indexer_logits")["triton"]
+    with poisoned_outputs():
+        got = kernel.bind(config or None)(*args)
+    result = op.compare(got, expected, feats)
+    assert result.passed, result.detail
+    assert torch.isnan(got[1]).any() and torch.isnan(got[4:6, position]).any()
