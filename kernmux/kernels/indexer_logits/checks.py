@@ -4,9 +4,19 @@ every call; kernels only under ``KERNMUX_CHECK_VALUES=1`` (:func:`maybe_check_va
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from kernmux.kernels import value_checks
+#: Opt-in value checks for every kernel of the op (the same variable for every op; each
+#: op reads it itself, op packages being independent of each other).
+CHECK_VALUES_ENV = "KERNMUX_CHECK_VALUES"
+
+
+def values_checked() -> bool:
+    """True when ``KERNMUX_CHECK_VALUES`` is 1/true/yes. Read on every call: cheap next to
+    the kernels that ask, and settable at run time."""
+    return os.environ.get(CHECK_VALUES_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def check_lens(context_lens: torch.Tensor, block_table: torch.Tensor, num_blocks: int, block_size: int, max_context: int) -> None:
@@ -31,5 +41,5 @@ def check_lens(context_lens: torch.Tensor, block_table: torch.Tensor, num_blocks
 
 def maybe_check_values(q, k_cache, k_scale, weights, context_lens, block_table, max_context) -> None:
     """:func:`check_lens` on a kernel's arguments when ``KERNMUX_CHECK_VALUES`` is set."""
-    if value_checks.enabled():
+    if values_checked():
         check_lens(context_lens, block_table, k_cache.shape[0], k_cache.shape[1], max_context)

@@ -3,11 +3,21 @@
 
 from __future__ import annotations
 
+import os
+
 from typing import Optional
 
 import torch
 
-from kernmux.kernels import value_checks
+#: Opt-in value checks for every kernel of the op (the same variable for every op; each
+#: op reads it itself, op packages being independent of each other).
+CHECK_VALUES_ENV = "KERNMUX_CHECK_VALUES"
+
+
+def values_checked() -> bool:
+    """True when ``KERNMUX_CHECK_VALUES`` is 1/true/yes. Read on every call: cheap next to
+    the kernels that ask, and settable at run time."""
+    return os.environ.get(CHECK_VALUES_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def check_values(
@@ -20,7 +30,7 @@ def check_values(
     extra_indices: Optional[torch.Tensor] = None,
     attn_sink: Optional[torch.Tensor] = None,
 ) -> None:
-    """The opt-in value check (``KERNMUX_CHECK_VALUES=1``, see ``kernmux.kernels.value_checks``):
+    """The opt-in value check (``KERNMUX_CHECK_VALUES=1``, see the op README):
     every index below ``num_blocks * block_size`` of its cache (negative = invalid, allowed).
     One reduction per index tensor and a host synchronisation."""
     scopes = [("indices", indices, kv_cache)]
@@ -38,5 +48,5 @@ def check_values(
 
 def maybe_check_values(*args: object) -> None:
     """:func:`check_values` when ``KERNMUX_CHECK_VALUES`` is set; else nothing."""
-    if value_checks.enabled():
+    if values_checked():
         check_values(*args)  # type: ignore[arg-type]
