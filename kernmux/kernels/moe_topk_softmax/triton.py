@@ -131,7 +131,7 @@ def _moe_topk_softmax_kernel(
     # NaN sum: the row has no softmax (NaN / +inf logit, or all -inf). The reference's
     # rule: NaN weights, ids 0 .. k-1 (NaN probabilities tie, lower index first).
     undefined = total != total
-    w_tile = tl.where(undefined[:, None], float("nan"), w_tile)
+    w_tile = tl.where(undefined[:, None], total[:, None], w_tile)  # total is the NaN
     id_tile = tl.where(undefined[:, None], kcols[None, :], id_tile)
     if HAS_PAD:
         padded = tl.load(pad_ptr + rows64, mask=row_ok, other=0) != 0
