@@ -167,9 +167,9 @@ def _generic_call(logits, topk, renormalize, num_shared, config=None):
     ids = empty_output((tokens, topk + num_shared), torch.int32, device)
     rows, block, kp, sp, select, warps = tk._launch_params(tokens, width - num_shared, topk, num_shared, config)
     tk._moe_topk_softmax_kernel[((tokens + rows - 1) // rows,)](
-        logits, weights, ids, tokens, width - num_shared, logits.stride(0), logits.stride(1),
+        logits, weights, ids, ids, tokens, width - num_shared, logits.stride(0), logits.stride(1),
         K=topk, S=num_shared, RENORM=bool(renormalize), ROWS=rows, BLOCK_E=block, KP=kp, SP=sp,
-        SELECT=select, num_warps=warps,
+        SELECT=select, HAS_PAD=False, num_warps=warps,
     )
     return weights, ids
 
@@ -196,8 +196,9 @@ def _host_paths(shape, device):
 
     def jit_only():
         tk._moe_topk_softmax_kernel[grid](
-            logits, w_pre, i_pre, tokens, experts, logits.stride(0), logits.stride(1),
-            K=topk, S=shared, RENORM=renorm, ROWS=rows, BLOCK_E=block, KP=kp, SP=sp, SELECT=select, num_warps=warps)
+            logits, w_pre, i_pre, i_pre, tokens, experts, logits.stride(0), logits.stride(1),
+            K=topk, S=shared, RENORM=renorm, ROWS=rows, BLOCK_E=block, KP=kp, SP=sp, SELECT=select,
+            HAS_PAD=False, num_warps=warps)
 
     def two_empty():
         torch.empty(out_shape, dtype=torch.float32, device=device)

@@ -155,6 +155,9 @@ class Op:
     precision: the class name of the reference's own semantics ("exact", or e.g. "W4A16").
     precision_classes: other classes kernels may declare, by name, each with the
         reference and tolerance its kernels are checked against.
+    make_nonfinite_inputs(features, device, seed) -> (args tuple, kwargs dict), optional:
+        inputs with NaN / inf planted where the reference defines the result (the op's
+        "NaN in, NaN out" cases); every kernel must match the reference on them.
     """
 
     name: str
@@ -196,6 +199,7 @@ class Op:
         """The tolerance for a kernel of class ``precision`` (against ``reference_for``)."""
         cls = self._precision_class(precision)
         return self.compare if cls is None or cls.compare is None else cls.compare
+    make_nonfinite_inputs: Callable[[Mapping[str, Any], Any, int], tuple[tuple, dict]] | None = None
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -226,8 +230,8 @@ class Op:
         ``FEATURE_SPECS``, ``features``, ``validate``, ``make_inputs``, ``compare``,
         ``fake``, ``bucket`` and ``roofline``; optionally ``DOC`` (default: the
         reference's docstring), ``HEAD_AXES``, ``SWEEP_DEFAULTS``, ``PRECISION`` (the
-        reference's class name, default "exact") and ``PRECISION_CLASSES`` (a sequence
-        of :class:`PrecisionClass`)."""
+        reference's class name, default "exact"), ``PRECISION_CLASSES`` (a sequence
+        of :class:`PrecisionClass`) and ``make_nonfinite_inputs``."""
         where = getattr(spec, "__name__", repr(spec))
         missing = [name for name in SPEC_REQUIRED if not hasattr(spec, name)]
         if missing:
@@ -249,6 +253,7 @@ class Op:
             sweep_defaults=dict(getattr(spec, "SWEEP_DEFAULTS", {})),
             precision=getattr(spec, "PRECISION", EXACT),
             precision_classes={cls.name: cls for cls in getattr(spec, "PRECISION_CLASSES", ())},
+            make_nonfinite_inputs=getattr(spec, "make_nonfinite_inputs", None),
         )
 
     def default_features(self, device: str = "cpu") -> dict[str, Any]:

@@ -20,9 +20,19 @@ FILES: dict[str, str] = {
     "vllm/model_executor/layers/fused_moe/__init__.py": "",
     "vllm/model_executor/layers/fused_moe/router/__init__.py": "",
     "vllm/model_executor/layers/fused_moe/router/fused_topk_router.py": """
+        import os
+
         import torch
 
         CALLS = []
+        # Stands in for get_forward_context().is_padding (None: no forward context).
+        FORWARD_CONTEXT_PADDING = None
+
+        def _get_padding_mask(num_tokens):
+            # vLLM 0.32: envs.VLLM_MOE_SKIP_PADDING (default "1") and a forward context.
+            if bool(int(os.getenv("VLLM_MOE_SKIP_PADDING", "1"))) and FORWARD_CONTEXT_PADDING is not None:
+                return FORWARD_CONTEXT_PADDING[:num_tokens]
+            return None
 
         def vllm_topk_softmax(topk_weights, topk_indices, token_expert_indices, gating_output, renormalize=False):
             CALLS.append("vllm_topk_softmax")
@@ -32,6 +42,9 @@ FILES: dict[str, str] = {
                 w = w / w.sum(dim=-1, keepdim=True)
             topk_weights.copy_(w)
             topk_indices.copy_(i)
+            mask = _get_padding_mask(topk_indices.shape[0])
+            if mask is not None:
+                topk_indices.masked_fill_(mask.view(-1, 1), -1)
             return topk_weights, topk_indices
 
         def dispatch_topk_softmax_func(use_rocm_aiter=False):
@@ -73,9 +86,14 @@ FILES: dict[str, str] = {
     """,
     "vllm/utils/__init__.py": "",
     "vllm/utils/deep_gemm.py": """
-        def fp8_fp4_paged_mqa_logits(q, kv_cache, weights, context_lens, block_tables, schedule_metadata,
-                                     max_model_len, clean_logits, indices=None):
-            raise NotImplementedError("stand-in DeepGEMM")
+        if "{version}".startswith("0.33"):
+            def fp8_fp4_paged_mqa_logits(q, kv_cache, weights, context_lens, block_tables, schedule_metadata,
+                                         max_model_len, indices=None):
+                raise NotImplementedError("stand-in DeepGEMM (0.33: clean_logits removed)")
+        else:
+            def fp8_fp4_paged_mqa_logits(q, kv_cache, weights, context_lens, block_tables, schedule_metadata,
+                                         max_model_len, clean_logits, indices=None):
+                raise NotImplementedError("stand-in DeepGEMM")
     """,
     "vllm/model_executor/layers/sparse_attn_indexer.py": """
         from vllm.utils.deep_gemm import fp8_fp4_paged_mqa_logits

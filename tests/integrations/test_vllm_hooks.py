@@ -28,14 +28,32 @@ def _torch_kernels(monkeypatch):
 
 
 class Recorder:
-    """Stands in for vLLM's function: records calls, answers a sentinel."""
+    """Stands in for vLLM's function: records calls, answers a sentinel. ``like``: a
+    function whose signature the recorder reports (hooks read the installed signature)."""
 
-    def __init__(self):
+    def __init__(self, like=None):
         self.calls = []
+        if like is not None:
+            import inspect
+
+            self.__signature__ = inspect.signature(like)
 
     def __call__(self, *args, **kwargs):
         self.calls.append((args, kwargs))
         return "vllm"
+
+
+# The signatures of the hooked indexer functions as read from the vLLM wheels.
+def deep_gemm_032(q, kv_cache, weights, context_lens, block_tables, schedule_metadata, max_model_len, clean_logits, indices=None):
+    """vllm 0.32.0 vllm/utils/deep_gemm.py"""
+
+
+def deep_gemm_033(q, kv_cache, weights, context_lens, block_tables, schedule_metadata, max_model_len, indices=None):
+    """vllm 0.33.0: clean_logits removed (notes/vllm.md, Corrections)"""
+
+
+def rocm_032(q_fp8, kv_cache_fp8, weights, context_lens, block_tables, schedule_metadata, max_model_len, *, compress_ratio=1):
+    """vllm 0.32.0 vllm/v1/attention/ops/rocm_aiter_mla_sparse.py"""
 
 
 # --------------------------------------------------------------------------- MoE top-k
@@ -102,6 +120,71 @@ def test_dispatch_factory_passes_arguments_and_keeps_vllm_choice():
     assert fn.__wrapped__ is not None and callable(fn)
     runtime.disabled = True
     assert isinstance(dispatch(), Recorder)  # disabled: vLLM's own function
+
+
+def _fused_router_module(mask):
+    """A module shaped like vLLM 0.32/0.33's fused_topk_router: vllm_topk_softmax applies
+    the padding mask that _get_padding_mask returns (None unless VLLM_MOE_SKIP_PADDING is
+    on and a forward context is set)."""
+    import types
+
+    module = types.ModuleType("fused_topk_router_like")
+    module.asked = []
+
+    def _get_padding_mask(num_tokens):
+        module.asked.append(num_tokens)
+        return mask[:num_tokens] if mask is not None else None
+
+    def vllm_topk_softmax(topk_weights, topk_indices, token_expert_indices, gating_output, renormalize=False):
+        raise AssertionError("kernmux answers this call")
+
+    def aiter_topk_softmax(*args, **kwargs):
+        raise AssertionError("kernmux answers this call")
+
+    def dispatch_topk_softmax_func(use_rocm_aiter=False):
+        return aiter_topk_softmax if use_rocm_aiter else vllm_topk_softmax
+
+    module._get_padding_mask = _get_padding_mask
+    module.vllm_topk_softmax = vllm_topk_softmax
+    module.dispatch_topk_softmax_func = dispatch_topk_softmax_func
+    dispatch_topk_softmax_func.__module__ = module.__name__
+    return module
+
+
+@pytest.mark.parametrize("shared", [0, 2])
+def test_padding_mask_reaches_the_op_as_vllm_passes_it(monkeypatch, shared):
+    """vLLM's CUDA top-k writes id -1 to every routed slot of a padded row (PR #48979);
+    the hook reads the mask through vLLM's own _get_padding_mask and kernmux does the same."""
+    import sys
+
+    mask = torch.tensor([False, True, False, True, True, False])
+    module = _fused_router_module(mask)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    dispatch = moe_topk.make_dispatch(HookRuntime("moe_topk.fused", "moe_topk_softmax"), module.dispatch_topk_softmax_func)
+    logits = torch.randn(5, 12 + shared, generator=torch.Generator().manual_seed(4))
+    weights, ids, tei = torch.empty(5, 3 + shared), torch.empty(5, 3, dtype=torch.int32), torch.empty(5, 3, dtype=torch.int32)
+    args = (weights, ids, tei, logits, True) + ((shared, "sigmoid") if shared else ())
+    dispatch(use_rocm_aiter=False)(*args)
+    assert module.asked == [5]
+    ref_w, ref_ids = moe_reference(logits, 3, True, shared, mask[:5])
+    assert torch.equal(ids, ref_ids[:, :3]) and (ids[[1, 3, 4]] == -1).all() and (ids[[0, 2]] >= 0).all()
+    torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-7)
+    # vLLM's AITER choice takes no mask: neither does the kernmux call behind it
+    module.asked.clear()
+    dispatch(use_rocm_aiter=True)(*args)
+    assert module.asked == [] and (ids >= 0).all()
+
+
+def test_no_padding_mask_when_vllm_gives_none(monkeypatch):
+    import sys
+
+    module = _fused_router_module(None)  # VLLM_MOE_SKIP_PADDING=0, or no forward context
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    dispatch = moe_topk.make_dispatch(HookRuntime("moe_topk.fused", "moe_topk_softmax"), module.dispatch_topk_softmax_func)
+    logits = torch.randn(4, 8)
+    weights, ids, tei = torch.empty(4, 2), torch.empty(4, 2, dtype=torch.int32), torch.empty(4, 2, dtype=torch.int32)
+    dispatch()(weights, ids, tei, logits, False)
+    assert module.asked == [4] and torch.equal(ids, moe_reference(logits, 2)[1])
 
 
 @pytest.mark.parametrize("tokens, experts, k", [(1, 8, 2), (9, 64, 6)])
@@ -190,20 +273,46 @@ def _indexer_inputs(block_size: int, next_n: int = 1):
     return op, feats, args, fused
 
 
-def test_deep_gemm_paged_mqa_logits_fp8_goes_to_kernmux():
+@pytest.mark.parametrize(
+    "like,extra_args,extra_kwargs",
+    [
+        (deep_gemm_032, (), {"clean_logits": True}),
+        (deep_gemm_032, (False,), {}),  # 0.32's caller: clean_logits=False, indices=None
+        (deep_gemm_033, (), {}),
+        (deep_gemm_033, (None,), {}),  # 0.33: the 8th positional argument is indices
+        (deep_gemm_033, (), {"indices": None}),
+    ],
+    ids=["032-kw", "032-positional", "033", "033-positional-indices", "033-kw-indices"],
+)
+def test_deep_gemm_paged_mqa_logits_fp8_goes_to_kernmux(like, extra_args, extra_kwargs):
     op, feats, (q, k_cache, k_scale, weights, lens, table, ctx), fused = _indexer_inputs(8, next_n=2)
-    original = Recorder()
+    original = Recorder(like)
     fn = indexer.make_deep_gemm(HookRuntime("i", "indexer_logits"), original)
-    logits = fn((q, None), fused, weights, lens, table, torch.empty(0), ctx, clean_logits=True)
+    logits = fn((q, None), fused, weights, lens, table, torch.empty(0), ctx, *extra_args, **extra_kwargs)
     assert not original.calls
     ref = op.reference(q, k_cache, k_scale, weights, lens, table, ctx)
     assert op.compare(logits, ref, feats).passed
 
 
-@pytest.mark.parametrize("case", ["fp4", "indices", "per_row_lens"])
-def test_deep_gemm_paged_mqa_logits_other_calls_go_to_deep_gemm(case):
+def test_deep_gemm_033_positional_indices_are_not_read_as_clean_logits():
+    """vLLM 0.33 removed clean_logits: a positional 8th argument is ``indices`` there, and
+    varlen indices are not what the op expresses -> DeepGEMM. (A position list written
+    for 0.32 would have taken it for clean_logits and dropped the indices.)"""
     _, _, (q, _, _, weights, lens, table, ctx), fused = _indexer_inputs(8, next_n=2)
-    original = Recorder()
+    original = Recorder(deep_gemm_033)
+    fn = indexer.make_deep_gemm(HookRuntime("i", "indexer_logits"), original)
+    indices = torch.zeros(6, dtype=torch.int32)
+    assert fn((q, None), fused, weights, lens, table, None, ctx, indices) == "vllm"
+    assert len(original.calls) == 1
+    # clean_logits does not exist in 0.33: a call naming it is vLLM's to reject
+    assert fn((q, None), fused, weights, lens, table, None, ctx, clean_logits=True) == "vllm"
+
+
+@pytest.mark.parametrize("case", ["fp4", "indices", "per_row_lens"])
+@pytest.mark.parametrize("like", [deep_gemm_032, deep_gemm_033])
+def test_deep_gemm_paged_mqa_logits_other_calls_go_to_deep_gemm(case, like):
+    _, _, (q, _, _, weights, lens, table, ctx), fused = _indexer_inputs(8, next_n=2)
+    original = Recorder(like)
     fn = indexer.make_deep_gemm(HookRuntime("i", "indexer_logits"), original)
     q_arg, kwargs = (q, None), {}
     if case == "fp4":
@@ -212,13 +321,13 @@ def test_deep_gemm_paged_mqa_logits_other_calls_go_to_deep_gemm(case):
         kwargs["indices"] = torch.zeros(6, dtype=torch.int32)
     else:
         lens = torch.stack([lens - 1, lens], dim=1)
-    assert fn(q_arg, fused, weights, lens, table, None, ctx, True, **kwargs) == "vllm"
+    assert fn(q_arg, fused, weights, lens, table, None, ctx, **kwargs) == "vllm"
     assert len(original.calls) == 1
 
 
 def test_rocm_paged_mqa_logits_block_size_one_goes_to_kernmux():
     op, feats, (q, k_cache, k_scale, weights, lens, table, ctx), fused = _indexer_inputs(1)
-    original = Recorder()
+    original = Recorder(rocm_032)
     fn = indexer.make_rocm(HookRuntime("r", "indexer_logits"), original)
     logits = fn(q, fused, weights, lens.view(-1, 1), table, None, ctx, compress_ratio=1)
     assert not original.calls
@@ -228,6 +337,6 @@ def test_rocm_paged_mqa_logits_block_size_one_goes_to_kernmux():
 @pytest.mark.parametrize("block_size, compress_ratio", [(8, 1), (1, 4)])
 def test_rocm_paged_mqa_logits_shuffled_or_c4a_goes_to_vllm(block_size, compress_ratio):
     _, _, (q, _, _, weights, lens, table, ctx), fused = _indexer_inputs(block_size)
-    original = Recorder()
+    original = Recorder(rocm_032)
     fn = indexer.make_rocm(HookRuntime("r", "indexer_logits"), original)
     assert fn(q, fused, weights, lens, table, None, ctx, compress_ratio=compress_ratio) == "vllm"

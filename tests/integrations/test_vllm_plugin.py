@@ -159,6 +159,32 @@ def test_register_rebinds_imported_copies_and_later_imports(standin):
     assert not hasattr(cpu_router._softmax_topk, "__kernmux_hook__")
 
 
+@pytest.mark.parametrize("skip_padding", ["1", "0", None])
+def test_fused_hook_keeps_the_padding_mask(standin, monkeypatch, skip_padding):
+    """VLLM_MOE_SKIP_PADDING defaults to on: padded rows get id -1 through kernmux exactly
+    as through vLLM's own top-k; with it off, no row is masked. The hook is installed
+    either way (it used to be skipped when the variable was set, and to drop the mask
+    when it was unset)."""
+    if skip_padding is None:
+        monkeypatch.delenv("VLLM_MOE_SKIP_PADDING", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_MOE_SKIP_PADDING", skip_padding)
+    standin()
+    import vllm  # noqa: F401
+    ftr = importlib.import_module(f"{ROUTER}.fused_topk_router")
+    ftr.FORWARD_CONTEXT_PADDING = torch.tensor([False, False, True, False, True, True, True])
+    torch.manual_seed(1)
+    logits = torch.randn(5, 8)
+    expected = ftr.fused_topk(torch.zeros(5, 16), logits, 2, True)  # vLLM's own answer
+    plugin.register()
+    assert plugin.state()["hooks"]["moe_topk.fused"]["status"] == "installed"
+    got = ftr.fused_topk(torch.zeros(5, 16), logits, 2, True)
+    assert torch.equal(got[1], expected[1]) and torch.allclose(got[0], expected[0])
+    masked = skip_padding != "0"
+    assert bool((got[1][[2, 4]] == -1).all()) is masked and (got[1][[0, 1, 3]] >= 0).all()
+    assert stats.snapshot()["hooks"]["moe_topk.fused"]["kernmux"] == 1
+
+
 def test_register_is_idempotent(standin):
     standin()
     import vllm  # noqa: F401

@@ -1,7 +1,9 @@
-"""indexer_logits: reference semantics, validation, tolerance, cache layouts, Triton parity.
+"""indexer_logits: reference semantics, validation, value checks, NaN rule, tolerance,
+cache layouts, Triton parity.
 
-Triton runs in its interpreter here (tests/conftest.py sets TRITON_INTERPRET=1 without a
-GPU); the same parity grid runs on an H100 in benchmarks/indexer_logits.py.
+Kernel tests run on the ``device`` fixture: the GPU when present, else CPU tensors with
+Triton in its interpreter (tests/conftest.py). Reference-vs-definition, validation,
+tolerance and layout tests are CPU-only by nature.
 """
 
 from __future__ import annotations
@@ -118,6 +120,11 @@ def _mutations():
         ("k_scale", lambda a: a.__setitem__(2, a[2][:, :-1]), ValueError),
         ("max_context", lambda a: a.__setitem__(6, 0), ValueError),
         ("q", lambda a: a.__setitem__(0, a[0][0]), ValueError),
+        ("q", lambda a: a.__setitem__(0, a[0][:, :, :0]), ValueError),
+        ("k_cache", lambda a: a.__setitem__(1, a[1][:0]), ValueError),
+        ("k_cache", lambda a: a.__setitem__(1, a[1][:, :0]), ValueError),
+        ("block_table", lambda a: a.__setitem__(5, a[5][:, :0]), ValueError),
+        ("block_table", lambda a: a.__setitem__(5, a[5].long()), TypeError),
     ]
 
 
@@ -222,9 +229,9 @@ GRID = [
 
 
 @pytest.mark.parametrize("case", GRID, ids=lambda c: "h{heads}-n{next_n}-ctx{context}-bs{block_size}-d{head_dim}".format(**c))
-def test_triton_matches_reference(case):
+def test_triton_matches_reference(device, case):
     seed = hash(tuple(case.values())) % 10_000
-    result = verify_kernel(OP, "triton", feats(**case), seed=seed)
+    result = verify_kernel(OP, "triton", feats(device=device, **case), seed=seed)
     assert result.passed, f"{result.status}: {result.detail}"
 
 
@@ -247,18 +254,21 @@ def test_triton_matches_reference(case):
     ],
     ids=["ctx1000", "odd-heads-block128", "h128-multi-span", "fp8-dot", "tf32-b1", "kh-h8", "kh-fp8", "kh-multi-span", "prefetch-kh-spans", "prefetch-hk", "prefetch-one-tile", "joint-odd-heads", "joint-prefetch-spans"],
 )
-def test_triton_configs_and_odd_shapes(case, config):
-    result = verify_kernel(OP, "triton", feats(**case), seed=7, config=config)
+def test_triton_configs_and_odd_shapes(device, case, config):
+    if device == "cuda" and config.get("dot") == "fp8":
+        pytest.skip("fp8 MMA accumulates with reduced precision on Hopper and misses 1e-3 (README); exact in the interpreter")
+    result = verify_kernel(OP, "triton", feats(device=device, **case), seed=7, config=config)
     assert result.passed, f"{result.status}: {result.detail}"
 
 
-def test_triton_takes_separate_and_strided_tensors():
+def test_triton_takes_separate_and_strided_tensors(device):
     from kernmux.kernels.indexer_logits.triton import indexer_logits_triton
 
-    f, args = inputs(heads=16, next_n=2, context=63, block_size=16, seed=3)
+    f = feats(heads=16, next_n=2, context=63, block_size=16, device=device)
+    args = list(op().make_inputs(f, device, 3)[0])
     ref = reference(*args)
     q, k_cache, k_scale, weights = args[:4]
-    wide_q = torch.zeros(*q.shape[:-1], 2 * q.shape[-1]).to(FP8)
+    wide_q = torch.zeros(*q.shape[:-1], 2 * q.shape[-1], device=device).to(FP8)
     wide_q[..., ::2] = q
     strided = [
         wide_q[..., ::2],  # stride 2 along the head dimension
@@ -287,9 +297,78 @@ def test_triton_supports_reasons(monkeypatch):
     assert "TRITON_INTERPRET" in kernel.check(feats(), Platform()).reason
 
 
-def test_hot_path_dispatches_and_matches():
+def test_hot_path_dispatches_and_matches(device):
     import kernmux
 
-    f, args = inputs(heads=8, next_n=2, seed=11)
+    f = feats(heads=8, next_n=2, device=device)
+    args = op().make_inputs(f, device, 11)[0]
     got = kernmux.ops.indexer_logits(*args)
     assert compare(got, reference(*args), f).passed
+
+
+# --------------------------------------------------------------------------- NaN rule, value checks
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "case,config",
+    [
+        (dict(heads=16, next_n=1, context=63, block_size=16), {}),
+        (dict(heads=32, next_n=2, context=130, block_size=16), {"mma": "hk", "BLOCK_N": 32}),
+        (dict(heads=64, next_n=2, context=300, block_size=64), {"mma": "kh", "joint": 1, "TILES": 4, "BLOCK_N": 32, "prefetch": 1}),
+        (dict(heads=7, next_n=2, context=97, block_size=16, head_dim=128), {"dot": "tf32"}),
+    ],
+    ids=["default", "hk-n2", "joint-prefetch", "odd-heads-tf32"],
+)
+def test_nan_weights_and_scales_give_nan_logits(device, kernel, case, config):
+    """A NaN weight makes its row NaN, a NaN scale its position, in every kernel: relu(NaN)
+    is NaN in the reference (Triton's max(x, 0) used to return 0 on the GPU)."""
+    f = feats(device=device, **case)
+    args, _ = op().make_nonfinite_inputs(f, device, 13)
+    expected = reference(*args)
+    fn = REGISTRY.kernels_of(OP)[kernel].bind(config or None)
+    with poisoned_outputs():
+        got = fn(*args)
+    result = compare(got, expected, f)
+    assert result.passed, result.detail
+    assert result.metrics["nan"] > 0 and torch.isnan(got[0]).any()
+
+
+def test_reference_nan_rule():
+    f, args = inputs(heads=8, next_n=2, context=40, block_size=16)
+    weights = args[3].clone()
+    weights[3, 2] = float("nan")
+    out = reference(*args[:3], weights, *args[4:])
+    plain = reference(*args)
+    assert torch.isnan(out[3][~torch.isneginf(plain[3])]).all()
+    assert torch.isneginf(out[3][torch.isneginf(plain[3])]).all()  # outside the causal range: -inf still
+    assert torch.equal(torch.isnan(out).any(dim=1), torch.arange(out.shape[0]) == 3)
+
+
+def test_compare_rejects_a_number_where_the_reference_is_nan():
+    f = feats()
+    args, _ = op().make_nonfinite_inputs(f, "cpu", 2)
+    ref = reference(*args)
+    assert torch.isnan(ref).any() and compare(ref.clone(), ref, f).passed
+    zeroed = torch.nan_to_num(ref, nan=0.0, neginf=float("-inf"))
+    result = compare(zeroed, ref, f)
+    assert not result.passed and result.metrics["nan_missing"] > 0
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_value_checks_are_opt_in_for_kernels(device, kernel, monkeypatch):
+    """The reference checks context lengths and page ids on every call; kernels do under
+    KERNMUX_CHECK_VALUES=1 (a ValueError naming the entry, before the launch)."""
+    f = feats(device=device)
+    args = list(op().make_inputs(f, device, 5)[0])
+    args[4] = args[4].clone()
+    args[4][1] = args[5].shape[1] * f["block_size"] + 1
+    fn = REGISTRY.kernels_of(OP)[kernel].bind(None)
+    monkeypatch.setenv("KERNMUX_CHECK_VALUES", "1")
+    with pytest.raises(ValueError, match=r"context_lens\[1\]"):
+        fn(*args)
+    args = list(op().make_inputs(f, device, 5)[0])
+    args[5] = args[5].clone()
+    args[5][0, 0] = args[1].shape[0] + 3
+    with pytest.raises(ValueError, match=r"block_table\[0, 0\]"):
+        fn(*args)

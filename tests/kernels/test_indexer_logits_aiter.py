@@ -3,6 +3,7 @@
 The AITER module is replaced by a stand-in (tests/kernels/stand_ins/) that reproduces
 what the AITER wrappers do with their arguments; what runs on real MI300/MI355 hardware
 stays unverified. Gating is checked through the resolver with the shipped rules.
+CPU-only by nature (no ROCm here).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ STAND_IN = _stand_in_module()
 def fake_aiter(monkeypatch):
     """Install a stand-in AITER of a given version; returns the module used."""
 
-    def install(version: str = "0.1.12", flavour: str = "main"):
-        module = STAND_IN.make_module(flavour)
+    def install(version: str = "0.1.12", flavour: str = "main", **options):
+        options.setdefault("paged_stage1", flavour == "main" and version is not None and adapter.Version(version) >= adapter.STAGE1_PAGED_SINCE)
+        module = STAND_IN.make_module(flavour, **options)
         monkeypatch.setattr(adapter, "load_module", lambda: module)
         monkeypatch.setattr(adapter, "lib_version", lambda dist: version if dist == "amd-aiter" else None)
         return module
@@ -84,7 +86,7 @@ def decide(platform: Platform, **kw):
 @pytest.mark.parametrize("next_n", [1, 2])
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_adapter_matches_reference(fake_aiter, entry, cache_layout, heads, next_n, block_size):
-    fake_aiter()
+    fake_aiter("0.1.20")
     feats, args = make(seed=heads + next_n + block_size, heads=heads, next_n=next_n, block_size=block_size)
     # ChunkK=64 with context 100: the stage1 buffer must be padded to 128 columns.
     config = {"entry": entry, "layout": cache_layout, "ChunkQ": heads, "ChunkK": 64}
@@ -111,11 +113,57 @@ def test_v017_gets_no_chunkq_argument(fake_aiter):
     assert compare(run_aiter(args, {}), reference(*args), feats).passed
     assert module.CALLS == [("stage1", {})]
     _, args16 = make(heads=16)
-    with pytest.raises(AssertionError):  # 0.1.7 asserts heads % 32 == 0 ...
+    with pytest.raises(AssertionError):  # 0.1.7 asserts heads % 32 == 0 (and reads e4m3fnuz) ...
         run_aiter(args16, {})
-    decision = decide(rocm("0.1.7.post2.dev18"), heads=16)  # ... so the rule keeps it away
-    assert decision.kernel != "aiter"
-    assert any(c.kernel == "aiter" and "aiter-indexer-v017-heads-mod-32" in c.reason for c in decision.candidates)
+    for heads in (16, 64):  # ... so the rule keeps every such version away
+        decision = decide(rocm("0.1.7.post2.dev18"), heads=heads)
+        assert decision.kernel != "aiter"
+        assert any(c.kernel == "aiter" and "aiter-indexer-before-0-1-7-post3" in c.reason for c in decision.candidates)
+
+
+@pytest.mark.parametrize("version", ["0.1.7.post3", "0.1.7.post5", "0.1.8"])
+def test_chunkq_is_passed_from_0_1_7_post3(fake_aiter, version):
+    """stage1 takes ChunkQ/ChunkK from v0.1.7.post3: indexer with 32 heads gets ChunkQ=32."""
+    module = fake_aiter(version)
+    decision = decide(rocm(version), heads=32, head_dim=64, block_size=16)
+    assert decision.kernel == "aiter" and decision.config["ChunkQ"] == 32
+    assert "aiter-indexer-chunkq-heads" in dict(decision.rules)
+    feats, args = make(heads=32)
+    assert compare(run_aiter(args, dict(decision.config)), reference(*args), feats).passed
+    assert module.CALLS[-1] == ("stage1", {"ChunkQ": 32, "ChunkK": 256})
+
+
+def test_stage1_before_0_1_20_gets_the_token_layout(fake_aiter):
+    """stage1 reads paged caches only from v0.1.20 (8abb3607e9): an older version gets the
+    token layout whatever the config says; the stand-in asserts one token per page."""
+    fake_aiter("0.1.19", paged_stage1=False)
+    feats, args = make(heads=32, block_size=16)
+    got = run_aiter(args, {"entry": "stage1", "layout": "page", "ChunkQ": 32, "ChunkK": 64})
+    assert compare(got, reference(*args), feats).passed
+    call = adapter.build_call(*args, config={"entry": "stage1", "layout": "page", "ChunkQ": 32, "ChunkK": 64}, aiter_version="0.1.19")
+    assert call.args[1].shape[1] == 1 and any("token" in note for note in call.notes)
+
+
+@pytest.mark.parametrize("entry", ["stage1", "fused"])
+@pytest.mark.parametrize("next_n", [1, 2])
+def test_nan_in_q_weights_and_scales_follows_the_reference(fake_aiter, entry, next_n):
+    """AITER's relu (tl.maximum) turns NaN into 0 on the GPU, as the stand-in does; the
+    adapter restores NaN for NaN in weights, k_scale and q, as the reference has it."""
+    fake_aiter("0.1.20")
+    feats = dict(batch=3, next_n=next_n, heads=32, head_dim=64, context=100, block_size=16, device="cpu")
+    op = REGISTRY.op(OP)
+    args, _ = op.make_nonfinite_inputs(feats, "cpu", 4)
+    q = args[0].clone()
+    q.view(torch.uint8)[2, 0, 5, 3] = 0x7F  # a NaN query value (e4m3fn), row 2 * next_n
+    args = (q, *args[1:])
+    expected = reference(*args)
+    got = run_aiter(args, {"entry": entry, "ChunkQ": 32, "ChunkK": 64})
+    result = compare(got, expected, feats)
+    assert result.passed, result.detail
+    assert result.metrics["nan"] > 0
+    bare = STAND_IN.make_module("main")  # without the adapter's rule the NaN is lost
+    call = adapter.build_call(*args, config={"entry": entry, "ChunkQ": 32, "ChunkK": 64, "layout": "token"}, aiter_version="0.1.20")
+    assert not compare(call.run(bare), expected, feats).passed
 
 
 # --------------------------------------------------------------------------- argument construction
@@ -166,11 +214,13 @@ def test_config_valid():
     [
         (rocm("0.1.12"), dict(heads=8), "torch", "aiter-indexer-heads-below-16"),
         (rocm("0.1.21.post1"), dict(heads=4, next_n=2), "torch", "aiter-indexer-heads-below-16"),
-        (rocm("0.1.7.post2.dev18"), dict(heads=16), "torch", "aiter-indexer-v017-heads-mod-32"),
+        (rocm("0.1.7.post2.dev18"), dict(heads=16), "torch", "aiter-indexer-before-0-1-7-post3"),
         (rocm("0.1.12"), dict(heads=64), "aiter", None),
-        (rocm("0.1.7.post2.dev18"), dict(heads=64), "aiter", None),
+        (rocm("0.1.7.post2.dev18"), dict(heads=64), "torch", "aiter-indexer-before-0-1-7-post3"),
+        (rocm("0.1.7.post3"), dict(heads=8), "torch", "aiter-indexer-heads-below-16"),
+        (rocm("0.1.7.post3"), dict(heads=64), "aiter", None),
     ],
-    ids=["h8", "h4-0.1.21", "v017-h16", "h64", "v017-h64"],
+    ids=["h8", "h4-0.1.21", "v017-h16", "h64", "v017-h64", "post3-h8", "post3-h64"],
 )
 def test_gating(platform, feats, kernel, rule):
     decision = decide(platform, **feats)
@@ -187,11 +237,15 @@ def test_chunkq_rule_sets_heads_for_16_to_63():
     assert decide(rocm("0.1.12"), heads=64).config["ChunkQ"] == 64  # AITER default, no rule
 
 
-def test_sigfpe_rule_pins_chunkk_for_16_token_pages_on_gfx950():
+def test_no_sigfpe_rule_for_calls_without_preshuffle():
+    """#5298 was reported for Preshuffle=True, WavePerEU=8; the adapter never preshuffles,
+    so no rule pins ChunkK (a measured ChunkK=64 is allowed)."""
     decision = decide(rocm("0.1.21.post1"), heads=32, block_size=16)
-    assert decision.kernel == "aiter" and decision.config["ChunkK"] == 256 and decision.config["ChunkQ"] == 32
-    assert "aiter-indexer-gfx950-page16-chunkk" in " ".join(decision.notes)
-    assert "aiter-indexer-gfx950-page16-chunkk" not in " ".join(decide(rocm("0.1.21.post1", arch="gfx942"), block_size=16).notes)
+    assert decision.kernel == "aiter" and decision.config["ChunkQ"] == 32
+    assert not any("5298" in text or "sigfpe" in rid for rid, text in decision.rules)
+    feats, args = make(heads=32, block_size=16)
+    call = adapter.build_call(*args, config={"entry": "fused", "ChunkK": 64, "layout": "page"}, aiter_version="0.1.21.post1")
+    assert call.kwargs["Preshuffle"] is False
 
 
 @pytest.mark.parametrize(

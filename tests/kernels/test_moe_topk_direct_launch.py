@@ -6,7 +6,7 @@ from types import SimpleNamespace
 from kernmux.kernels.moe_topk_softmax.direct_launch import DirectLauncher, direct_key
 
 BASE = dict(stride_t=160, stride_e=1, tokens=7, experts=160, topk=6, num_shared=0, renormalize=False,
-            config=None, dtype="bf16", pointers=(256, 512, 1024), device_index=0)
+            config=None, dtype="bf16", pointers=(256, 512, 1024, 2048), device_index=0, has_padding=False)
 
 
 def key(**changes):
@@ -18,13 +18,14 @@ def test_key_separates_everything_triton_specialises_on():
     # Each of these changes the compiled kernel or its launch: a different key.
     for change in (
         dict(stride_t=161), dict(stride_e=2), dict(experts=161), dict(topk=7), dict(num_shared=1),
-        dict(renormalize=True), dict(config={"rows": 4}), dict(dtype="fp16"), dict(pointers=(258, 512, 1024)),
-        dict(pointers=(256, 520, 1024)), dict(pointers=(256, 512, 1032)), dict(device_index=1), dict(tokens=9),
+        dict(renormalize=True), dict(config={"rows": 4}), dict(dtype="fp16"), dict(pointers=(258, 512, 1024, 2048)),
+        dict(pointers=(256, 520, 1024, 2048)), dict(pointers=(256, 512, 1032, 2048)),
+        dict(pointers=(256, 512, 1024, 2049)), dict(has_padding=True), dict(device_index=1), dict(tokens=9),
     ):
         assert key(**change) != base, change
     # Same token class (5..8 -> class 3), same 16-byte alignment, same stride classes: same key.
     assert key(tokens=8) == base
-    assert key(pointers=(256 + 4096, 512, 1024)) == base
+    assert key(pointers=(256 + 4096, 512, 1024, 2048)) == base
     assert key(stride_t=176) == base and key(stride_t=168) != base
 
 

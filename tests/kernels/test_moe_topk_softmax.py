@@ -1,8 +1,11 @@
-"""moe_topk_softmax: kernels against the reference, ties, layouts, argument checks.
+"""moe_topk_softmax: kernels against the reference, ties, layouts, padding mask, NaN
+rules, argument checks.
 
-Triton runs under TRITON_INTERPRET=1 here (tests/conftest.py sets it without a GPU).
-Parity goes through ``verify_kernel`` (fresh inputs, poisoned outputs, ``op.compare``:
-identical ids, weights within 1e-5 relative).
+Kernels run on the ``device`` fixture: the GPU when there is one, else CPU tensors with
+Triton in its interpreter (tests/conftest.py). Parity goes through ``verify_kernel``
+(fresh inputs, poisoned outputs, ``op.compare``: identical ids, weights within 1e-5
+relative, NaN exactly where the reference has NaN). Tests of pure spec functions
+(validation, buckets, input drawing, comparison) are CPU-only by nature.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def _seed(*parts: object) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
-def _features(tokens, experts, topk, shared, dtype, renormalize):
+def _features(tokens, experts, topk, shared, dtype, renormalize, device="cpu", padding=False):
     return {
         "tokens": tokens,
         "experts": experts,
@@ -42,13 +45,14 @@ def _features(tokens, experts, topk, shared, dtype, renormalize):
         "shared": shared,
         "dtype": dtype,
         "renormalize": renormalize,
-        "device": "cpu",
+        "padding": padding,
+        "device": device,
     }
 
 
-def _run(kernel: str, logits: torch.Tensor, topk: int, renormalize: bool, num_shared: int, config=None):
+def _run(kernel: str, logits: torch.Tensor, topk: int, renormalize: bool, num_shared: int, config=None, is_padding=None):
     fn = REGISTRY.kernels_of(OP)[kernel].bind(config)
-    return fn(logits, topk, renormalize, num_shared)
+    return fn(logits, topk, renormalize, num_shared, is_padding)
 
 
 def _triton_runs_here() -> bool:
@@ -70,18 +74,86 @@ needs_triton = pytest.mark.skipif(
 @pytest.mark.parametrize("experts", [160, 288])
 @pytest.mark.parametrize("tokens", [1, 7])
 @pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=needs_triton)])
-def test_parity_grid(kernel, tokens, experts, topk, shared, dtype, renormalize):
-    feats = _features(tokens, experts, topk, shared, dtype, renormalize)
+def test_parity_grid(device, kernel, tokens, experts, topk, shared, dtype, renormalize):
+    feats = _features(tokens, experts, topk, shared, dtype, renormalize, device)
     result = verify_kernel(OP, kernel, feats, seed=_seed(kernel, feats))
     assert result.passed, f"{result.status}: {result.detail} {dict(result.metrics)}"
 
 
 @needs_triton
 @pytest.mark.parametrize("experts,topk,shared", [(8, 8, 1), (64, 8, 0), (256, 16, 8), (1024, 8, 1)])
-def test_parity_triton_power_of_two_and_limits(experts, topk, shared):
-    feats = _features(5, experts, topk, shared, "bf16", True)
+def test_parity_triton_power_of_two_and_limits(device, experts, topk, shared):
+    feats = _features(5, experts, topk, shared, "bf16", True, device)
     result = verify_kernel(OP, "triton", feats, seed=_seed("pow2", feats))
     assert result.passed, f"{result.status}: {result.detail} {dict(result.metrics)}"
+
+
+# ------------------------------------------------------------ padding and NaN rules
+
+
+def _verify_on(maker, kernel, feats, seed, config=None):
+    """verify_kernel's protocol (poisoned outputs, op.compare) on inputs from ``maker``."""
+    from kernmux.dispatch.outputs import poisoned_outputs
+
+    op = REGISTRY.op(OP)
+    args, kwargs = maker(feats, feats["device"], seed)
+    expected = op.reference(*args, **kwargs)
+    with poisoned_outputs():
+        got = REGISTRY.kernels_of(OP)[kernel].bind(config)(*op.positional(args, kwargs))
+    return op.compare(got, expected, feats), got, kwargs
+
+
+KERNELS_HERE = ["torch", "torch_compile", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("kernel", KERNELS_HERE)
+@pytest.mark.parametrize("shared,renormalize", [(0, False), (2, True)])
+def test_padding_mask_routes_padded_rows_nowhere(device, kernel, shared, renormalize):
+    """vLLM's is_padding (PR #48979, in 0.32.0/0.33.0): every id of a padded row is -1,
+    weights as for any row; unpadded rows unchanged."""
+    feats = _features(9, 160, 6, shared, "bf16", renormalize, device, padding=True)
+    result, got, kwargs = _verify_on(spec.make_inputs, kernel, feats, _seed("pad", kernel, shared))
+    assert result.passed, result.detail
+    mask = kwargs["is_padding"].cpu()
+    assert mask.any() and not mask.all()
+    ids = got[1].cpu()
+    assert (ids[mask] == -1).all() and (ids[~mask] >= 0).all()
+    plain = reference(*REGISTRY.op(OP).make_inputs({**feats, "padding": False}, device, _seed("pad", kernel, shared))[0], renormalize, shared)
+    torch.testing.assert_close(got[0].cpu(), plain[0].cpu(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("kernel", KERNELS_HERE)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("experts,shared,renormalize,padding", [(160, 2, True, True), (64, 0, False, False), (288, 1, False, True)])
+def test_nonfinite_rows_follow_the_reference(device, kernel, dtype, experts, shared, renormalize, padding):
+    """NaN / +inf / all -inf rows: NaN weights, ids 0..k-1 in every kernel; -inf entries
+    rank last; NaN shared gates stay NaN. NaN never passes where the reference is finite."""
+    if kernel == "torch_compile" and (dtype != "bf16" or experts != 160):
+        pytest.skip("one compiled variant is enough (each costs a compilation)")
+    feats = _features(8, experts, 6, shared, dtype, renormalize, device, padding=padding)
+    result, got, kwargs = _verify_on(spec.make_nonfinite_inputs, kernel, feats, _seed("nan", kernel, dtype, experts))
+    assert result.passed, result.detail
+    assert result.metrics["nan_weights"] >= 3 * 6
+    w, ids = got[0].cpu(), got[1].cpu()
+    padded = kwargs["is_padding"].cpu() if padding else torch.zeros(8, dtype=torch.bool)
+    for row in range(3):  # NaN, +inf, all -inf
+        assert torch.isnan(w[row, :6]).all()
+        assert ids[row, :6].tolist() == ([-1] * 6 if padded[row] else list(range(6)))
+    assert torch.isfinite(w[3, :6]).all()  # half the logits -inf: a finite answer
+
+
+def test_compare_rejects_a_finite_answer_to_a_nan_row():
+    feats = _features(6, 32, 4, 1, "fp32", False)
+    (logits, topk), kwargs = spec.make_nonfinite_inputs(feats, "cpu", 3)
+    ref = reference(logits, topk, **kwargs)
+    assert spec.compare(tuple(t.clone() for t in ref), ref, feats).passed
+    w, ids = (t.clone() for t in ref)
+    w[0, :4] = 0.25  # what a kernel that clamps NaN probabilities to 0 would report
+    result = spec.compare((w, ids), ref, feats)
+    assert not result.passed and result.metrics["nan_missing"] == 4
+    w, ids = (t.clone() for t in ref)
+    w[4, 0] = float("nan")
+    assert not spec.compare((w, ids), ref, feats).passed
 
 
 # Every (dtype, renormalize, shared > 0) is a compiled function of its own (compile.py)
@@ -90,10 +162,10 @@ def test_parity_triton_power_of_two_and_limits(experts, topk, shared):
 # tokens=1 (a size Dynamo specialises) on one variant.
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("shared,renormalize", [(2, True), (0, False)])
-def test_parity_torch_compile(dtype, shared, renormalize):
+def test_parity_torch_compile(device, dtype, shared, renormalize):
     shapes = [(7, 160, 6), (7, 288, 8)] + ([(1, 160, 8)] if dtype == "bf16" and shared else [])
     for tokens, experts, topk in shapes:
-        feats = _features(tokens, experts, topk, shared, dtype, renormalize)
+        feats = _features(tokens, experts, topk, shared, dtype, renormalize, device)
         result = verify_kernel(OP, "torch_compile", feats, seed=_seed("compile", feats))
         assert result.status != "unsupported", result.detail
         assert result.passed, f"{feats}: {result.status}: {result.detail} {dict(result.metrics)}"
@@ -111,8 +183,8 @@ def test_parity_torch_compile(dtype, shared, renormalize):
         {"rows": 4, "num_warps": 2, "select": "bitonic"},
     ],
 )
-def test_triton_configs(config):
-    feats = _features(13, 160, 8, 1, "bf16", True)
+def test_triton_configs(device, config):
+    feats = _features(13, 160, 8, 1, "bf16", True, device)
     assert config_valid(config, feats)
     result = verify_kernel(OP, "triton", feats, seed=_seed("cfg", config), config=config)
     assert result.passed, f"{result.status}: {result.detail}"
@@ -138,9 +210,9 @@ def _tie_cases():
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("kernel", ["torch", "torch_compile", pytest.param("triton", marks=needs_triton)])
-def test_ties_go_to_the_lower_index(kernel, dtype):
+def test_ties_go_to_the_lower_index(device, kernel, dtype):
     for row, topk, expected in _tie_cases():
-        logits = row.to(DTYPES[dtype]).unsqueeze(0).repeat(3, 1)
+        logits = row.to(DTYPES[dtype]).unsqueeze(0).repeat(3, 1).to(device)
         weights, ids = _run(kernel, logits, topk, False, 0)
         assert ids.tolist() == [expected] * 3, (row.tolist(), ids.tolist())
         ref_w, _ = reference(logits, topk)
@@ -149,10 +221,10 @@ def test_ties_go_to_the_lower_index(kernel, dtype):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_many_ties_match_reference(dtype):
+def test_many_ties_match_reference(device, dtype):
     """Small-integer logits: most values tie; ids must still equal the reference's."""
     gen = torch.Generator().manual_seed(_seed("many-ties", dtype))
-    logits = torch.randint(-3, 4, (9, 160 + 2), generator=gen).to(DTYPES[dtype])
+    logits = torch.randint(-3, 4, (9, 160 + 2), generator=gen).to(DTYPES[dtype]).to(device)
     for renormalize in (False, True):
         got = _run("triton", logits, 8, renormalize, 2)
         ref = reference(logits, 8, renormalize, 2)
@@ -178,11 +250,12 @@ def _non_contiguous_views(tokens: int, width: int, dtype: torch.dtype, gen: torc
         pytest.param("triton", ("column-slice", "transposed", "row-step"), marks=needs_triton),
     ],
 )
-def test_non_contiguous_input(kernel, layouts):
+def test_non_contiguous_input(device, kernel, layouts):
     gen = torch.Generator().manual_seed(_seed("layout", kernel))
     for name, logits in _non_contiguous_views(5, 160 + 2, torch.float32, gen):
         if name not in layouts:
             continue
+        logits = logits.to(device) if device == "cpu" else _same_layout_on(logits, device)
         assert not logits.is_contiguous()
         got = _run(kernel, logits, 6, True, 2)
         ref = reference(logits.contiguous(), 6, True, 2)
@@ -190,10 +263,18 @@ def test_non_contiguous_input(kernel, layouts):
         assert result.passed, f"{name}: {result.detail}"
 
 
-@needs_triton
-def test_zero_tokens():
-    weights, ids = _run("triton", torch.empty(0, 66), 4, False, 2)
-    assert weights.shape == (0, 6) and ids.shape == (0, 6)
+def _same_layout_on(view: torch.Tensor, device: str) -> torch.Tensor:
+    """The view's values on ``device`` with the same strides (``.to`` would compact it)."""
+    base = torch.empty_strided(view.size(), view.stride(), dtype=view.dtype, device=device)
+    return base.copy_(view)
+
+
+@pytest.mark.parametrize("kernel", KERNELS_HERE)
+def test_zero_tokens(device, kernel):
+    """An engine's empty batch is a valid call: empty outputs, no launch needed."""
+    for mask in (None, torch.zeros(0, dtype=torch.bool, device=device)):
+        weights, ids = _run(kernel, torch.empty(0, 66, device=device), 4, False, 2, is_padding=mask)
+        assert weights.shape == (0, 6) and ids.shape == (0, 6)
 
 
 # ---------------------------------------------------------------------- validation
@@ -216,6 +297,11 @@ def test_zero_tokens():
         ((torch.randn(4, 16), 2), {"num_shared": -1}, ValueError, "num_shared"),
         ((torch.randn(4, 3), 1), {"num_shared": 3}, ValueError, "gating_logits"),
         ((torch.randn(4, 16), 2), {"renormalize": 1}, TypeError, "renormalize"),
+        ((torch.randn(4, 16), 2), {"is_padding": torch.zeros(4, dtype=torch.int32)}, TypeError, "is_padding"),
+        ((torch.randn(4, 16), 2), {"is_padding": torch.zeros(3, dtype=torch.bool)}, ValueError, "is_padding"),
+        ((torch.randn(4, 16), 2), {"is_padding": torch.zeros(4, 1, dtype=torch.bool)}, ValueError, "is_padding"),
+        ((torch.randn(4, 16), 2), {"is_padding": [False] * 4}, TypeError, "is_padding"),
+        ((torch.randn(4, 0), 1), {}, ValueError, "gating_logits"),
     ],
 )
 def test_validation_names_the_argument(args, kwargs, error, names):
@@ -227,14 +313,16 @@ def test_validation_accepts_valid_calls():
     spec.validate(torch.randn(3, 162, dtype=torch.bfloat16), 8, True, 2)
     spec.validate(torch.randn(1, 8), 8)
     spec.validate(torch.randn(0, 9, dtype=torch.float16), 1, False, 8)
+    spec.validate(torch.randn(3, 9), 1, False, 0, torch.tensor([False, True, False]))
 
 
 def test_features_never_raise_and_describe_the_call():
     feats = spec.features(torch.randn(3, 162, dtype=torch.bfloat16), 8, True, 2)
     assert feats == {
         "tokens": 3, "experts": 160, "topk": 8, "shared": 2,
-        "dtype": "bf16", "renormalize": True, "device": "cpu",
+        "dtype": "bf16", "renormalize": True, "padding": False, "device": "cpu",
     }
+    assert spec.features(torch.randn(3, 8), 2, False, 0, torch.zeros(3, dtype=torch.bool))["padding"] is True
     spec.features(torch.randn(16), 2)  # malformed: placeholder values, no exception
 
 
@@ -286,8 +374,9 @@ def test_compare_catches_nan_wrong_ids_and_weight_error():
 
 def test_fake_matches_real_outputs():
     logits = torch.randn(5, 66, dtype=torch.float16)
-    fake_w, fake_ids = spec.fake(logits, 6, True, 2)
-    real_w, real_ids = reference(logits, 6, True, 2)
+    mask = torch.tensor([False, True, False, False, True])
+    fake_w, fake_ids = spec.fake(logits, 6, True, 2, mask)
+    real_w, real_ids = reference(logits, 6, True, 2, mask)
     assert (fake_w.shape, fake_w.dtype) == (real_w.shape, real_w.dtype)
     assert (fake_ids.shape, fake_ids.dtype) == (real_ids.shape, real_ids.dtype)
 
@@ -337,14 +426,17 @@ def test_triton_support_reasons(monkeypatch):
 
 
 @needs_triton
-def test_dispatch_through_kernmux_ops():
+def test_dispatch_through_kernmux_ops(device):
     import kernmux.ops
 
     gen = torch.Generator().manual_seed(_seed("ops"))
-    logits = torch.randn(3, 130, generator=gen).to(torch.bfloat16)
+    logits = torch.randn(3, 130, generator=gen).to(torch.bfloat16).to(device)
     weights, ids = kernmux.ops.moe_topk_softmax(logits, 8, True, 2)
     result = spec.compare((weights, ids), reference(logits, 8, True, 2), _features(3, 128, 8, 2, "bf16", True))
     assert result.passed, result.detail
+    mask = torch.tensor([False, True, False], device=device)
+    weights, ids = kernmux.ops.moe_topk_softmax(logits, 8, True, 2, mask)
+    assert (ids[1] == -1).all() and (ids[0] >= 0).all()
 
 
 # ------------------------------------------------------------------ gate fusion

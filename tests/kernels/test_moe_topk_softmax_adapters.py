@@ -9,6 +9,7 @@ vLLM: ops with the schemas of successive vLLM releases are defined in a test nam
 the adapter's call plan is read from each schema and the adapter runs against them.
 
 The rules' fused/unfused choice is resolved as a what-if for a gfx950 platform.
+CPU-only by nature (stand-ins for libraries this machine cannot run).
 """
 
 from __future__ import annotations
@@ -41,26 +42,32 @@ def _load_stand_in():
     return module
 
 
-def _features(tokens, experts, topk, shared, dtype="bf16", renormalize=False):
+def _features(tokens, experts, topk, shared, dtype="bf16", renormalize=False, padding=False):
     return {
         "tokens": tokens, "experts": experts, "topk": topk, "shared": shared,
-        "dtype": dtype, "renormalize": renormalize, "device": "cpu",
+        "dtype": dtype, "renormalize": renormalize, "padding": padding, "device": "cpu",
     }
 
 
-def _inputs(feats, tag):
+def _inputs(feats, tag, maker=spec.make_inputs):
     seed = zlib.crc32(repr((tag, sorted(feats.items()))).encode())
-    (logits, topk), kwargs = spec.make_inputs(feats, "cpu", seed)
+    (logits, topk), kwargs = maker(feats, "cpu", seed)
     return logits, topk, kwargs["renormalize"], kwargs["num_shared"]
+
+
+def _inputs_with_mask(feats, tag, maker=spec.make_inputs):
+    seed = zlib.crc32(repr((tag, sorted(feats.items()))).encode())
+    (logits, topk), kwargs = maker(feats, "cpu", seed)
+    return (logits, topk, kwargs["renormalize"], kwargs["num_shared"], kwargs.get("is_padding"))
 
 
 @pytest.fixture
 def fake_aiter(monkeypatch):
-    """Install a stand-in ``aiter``; returns set(version, max_args) -> the module."""
+    """Install a stand-in ``aiter``; returns install(version, max_args, **stand-in options)."""
     stand_in = _load_stand_in()
 
-    def install(version: str | None, max_args: int):
-        module = stand_in.make_module(max_args)
+    def install(version: str | None, max_args: int, **options):
+        module = stand_in.make_module(max_args, **options)
         monkeypatch.setitem(sys.modules, "aiter", module)
         monkeypatch.setattr(aiter_adapter, "aiter_version", lambda: version)
         return module
@@ -87,17 +94,35 @@ def test_fused_form_needs_0_1_12_and_a_supported_count(version, shared, fused):
 # ------------------------------------------------------------- argument construction
 
 
+@pytest.mark.parametrize(
+    "version,experts,workspace,honoured",
+    [
+        ("0.1.12", 256, False, True), ("0.1.12", 512, False, True), ("0.1.3", 512, True, False),
+        ("0.1.12", 160, True, False), ("0.1.14", 160, True, False), ("0.1.19", 288, True, False),
+        ("0.1.19.post1", 160, True, True), ("0.1.20", 1024, True, True), ("0.1.19", 1024, True, False),
+        (None, 160, True, False), (None, 128, False, True),
+    ],
+)
+def test_workspace_path_and_strides_by_version(version, experts, workspace, honoured):
+    """moeSoftmax/moeTopK ignore row strides up to v0.1.19 (fixed by 0cad1d3a95, first in
+    v0.1.19.post1); single-kernel instances exist for powers of two up to 512 (256
+    before v0.1.4)."""
+    assert aiter_adapter.workspace_path(experts, version) is workspace
+    assert aiter_adapter.strides_honoured(version, experts) is honoured
+    assert aiter_adapter.fused_shared_supported(version, 1, experts) is (honoured and version not in ("0.1.3", None))
+
+
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("shared", [1, 2, 4, 8])
 def test_fused_call_on_0_1_12(fake_aiter, shared, renormalize):
-    module = fake_aiter("0.1.12", max_args=7)
-    feats = _features(5, 160, 6, shared, renormalize=renormalize)
+    module = fake_aiter("0.1.12", max_args=7, strided_workspace=False)
+    feats = _features(5, 128, 6, shared, renormalize=renormalize)
     logits, topk, renorm, num_shared = _inputs(feats, "fused")
     got = aiter_adapter.moe_topk_softmax(logits, topk, renorm, num_shared, config={"fuse_shared": True})
     [call] = module.calls
     assert call["nargs"] == 7 and call["num_shared"] == shared and call["scoring"] == "sigmoid"
-    assert call["need_renorm"] is renormalize
-    assert call["gating_shape"] == (5, 160 + shared)  # the whole fused-gate output
+    assert call["need_renorm"] is renormalize and not call["workspace"]
+    assert call["gating_shape"] == (5, 128 + shared)  # the whole fused-gate output
     assert call["weights_shape"] == (5, 6 + shared)
     # Routed ids go into the first k columns of the [T, k + S] ids buffer.
     assert call["indices_shape"] == (5, 6) and call["indices_stride"] == (6 + shared, 1)
@@ -135,6 +160,64 @@ def test_no_shared_experts_is_always_the_5_argument_form(fake_aiter, version):
     got = aiter_adapter.moe_topk_softmax(logits, topk, renorm, num_shared, config={"fuse_shared": True})
     assert [c["nargs"] for c in module.calls] == [5]
     assert spec.compare(got, reference(logits, topk, renorm, num_shared), feats).passed
+
+
+@pytest.mark.parametrize("version", ["0.1.12", "0.1.14", "0.1.19"])
+def test_workspace_path_before_0_1_19_post1_gets_contiguous_buffers(fake_aiter, version):
+    """160 experts, S = 1 (Qwen3-Next-like) with the stand-in reproducing the stride bug:
+    the fused form would misroute; the adapter takes the unfused form on dense buffers."""
+    module = fake_aiter(version, max_args=7, strided_workspace=False)
+    feats = _features(9, 160, 8, 1, renormalize=True)
+    logits, topk, renorm, num_shared = _inputs(feats, ("strides", version))
+    got = aiter_adapter.moe_topk_softmax(logits, topk, renorm, num_shared, config={"fuse_shared": True})
+    [call] = module.calls
+    assert call["workspace"] and call["nargs"] == 5
+    assert call["gating_shape"] == (9, 160) and call["gating_contiguous"]
+    assert call["indices_stride"] == (8, 1) and call["weights_shape"] == (9, 8)
+    result = spec.compare(got, reference(logits, topk, renorm, num_shared), feats)
+    assert result.passed, result.detail
+
+    # The control: the fused call the adapter avoided does route wrongly on this stand-in.
+    weights = torch.empty(9, 9)
+    ids = torch.empty(9, 9, dtype=torch.int32)
+    ids[:, 8:] = 160
+    module.topk_softmax(weights, ids[:, :8], torch.empty(9, 8, dtype=torch.int32), logits, True, 1, "sigmoid")
+    assert not spec.compare((weights, ids), reference(logits, topk, renorm, num_shared), feats).passed
+
+
+def test_workspace_path_from_0_1_19_post1_is_fused(fake_aiter):
+    module = fake_aiter("0.1.19.post1", max_args=7, strided_workspace=True)
+    feats = _features(9, 160, 8, 1, renormalize=True)
+    logits, topk, renorm, num_shared = _inputs(feats, "fixed")
+    got = aiter_adapter.moe_topk_softmax(logits, topk, renorm, num_shared, config={"fuse_shared": True})
+    [call] = module.calls
+    assert call["workspace"] and call["nargs"] == 7 and call["indices_stride"] == (9, 1)
+    assert spec.compare(got, reference(logits, topk, renorm, num_shared), feats).passed
+
+
+def test_strided_logits_on_the_workspace_path_without_shared_experts(fake_aiter):
+    """No shared experts, a column slice of a wider buffer (row stride > E): dense copy."""
+    module = fake_aiter("0.1.14", max_args=7, strided_workspace=False)
+    base = torch.randn(6, 170).to(torch.bfloat16)
+    logits = base[:, 5:165]
+    got = aiter_adapter.moe_topk_softmax(logits, 6, False, 0)
+    assert module.calls[0]["gating_contiguous"]
+    feats = _features(6, 160, 6, 0)
+    assert spec.compare(got, reference(logits, 6, False, 0), feats).passed
+
+
+@pytest.mark.parametrize("version,experts,strided", [("0.1.14", 160, False), ("0.1.20", 128, True)])
+@pytest.mark.parametrize("shared", [0, 2])
+def test_aiter_nan_rows_and_padding_follow_the_reference(fake_aiter, version, experts, strided, shared):
+    """The stand-in clamps NaN probabilities to 0 and knows no padding mask; the adapter
+    restores the reference's rules (NaN weights, ids 0..k-1; id -1 on padded rows)."""
+    fake_aiter(version, max_args=7, strided_workspace=strided, nan_to_zero=True)
+    feats = _features(7, experts, 6, shared, dtype="fp16", renormalize=True, padding=True)
+    args = _inputs_with_mask(feats, "nan", spec.make_nonfinite_inputs)
+    got = aiter_adapter.moe_topk_softmax(*args)
+    result = spec.compare(got, reference(*args), feats)
+    assert result.passed, result.detail
+    assert result.metrics["nan_weights"] > 0 and (got[1][-1] == -1).all()
 
 
 def test_a_7_argument_call_on_an_old_release_is_what_fails(fake_aiter):
@@ -175,26 +258,50 @@ def _gfx950(aiter_version: str | None) -> Platform:
     "version,shared,fuse,rule",
     [
         ("0.1.10", 1, False, "aiter-topk-shared-unfused-before-0-1-12"),
-        ("0.1.12", 1, True, "aiter-topk-shared-fused-from-0-1-12"),
-        ("0.1.12", 8, True, "aiter-topk-shared-fused-from-0-1-12"),
+        ("0.1.12", 1, True, None),
+        ("0.1.12", 8, True, None),
         ("0.1.12", 3, False, "aiter-topk-shared-count-not-instantiated"),
     ],
 )
 def test_rules_choose_fused_or_unfused(version, shared, fuse, rule):
     feats = {**_features(16, 128, 8, shared), "device": "cuda"}
-    decision = resolve(OP, feats, _gfx950(version), load_rules(), tuning=None, force={})
+    decision = resolve(OP, feats, _gfx950(version), load_rules(), tuning=None, force={OP: "aiter"})
     assert decision.kernel == "aiter"
     assert decision.config == {"fuse_shared": fuse}
-    assert rule in dict(decision.rules)
+    if rule:
+        assert rule in dict(decision.rules)
 
 
-def test_rules_prefer_triton_on_the_non_power_of_two_path():
-    feats = {**_features(16, 160, 8, 0), "device": "cuda"}
-    decision = resolve(OP, feats, _gfx950("0.1.12"), load_rules(), tuning=None, force={})
-    assert decision.kernel == "triton"
-    assert "aiter-topk-non-pow2-experts-workspace-path" in dict(decision.rules)
-    pow2 = resolve(OP, {**feats, "experts": 256}, _gfx950("0.1.12"), load_rules(), tuning=None, force={})
-    assert pow2.kernel == "aiter"
+@pytest.mark.parametrize(
+    "version,experts,fuse",
+    [("0.1.14", 160, False), ("0.1.19", 160, False), ("0.1.14", 640, False), ("0.1.19.post1", 160, True), ("0.1.14", 256, True)],
+)
+def test_explain_keeps_aiter_off_strided_views_on_the_workspace_path(version, experts, fuse):
+    """160 experts, shared = 1 on gfx950 with amd-aiter 0.1.14: even when AITER is chosen
+    (here forced), its config is the unfused form, and a tuning row cannot change it
+    (adapt rules override the tuning level). Without forcing, triton is chosen."""
+    feats = {**_features(16, experts, 8, 1), "device": "cuda"}
+    default = resolve(OP, feats, _gfx950(version), load_rules(), tuning=None, force={})
+    assert default.kernel == "triton"
+    forced = resolve(OP, feats, _gfx950(version), load_rules(), tuning=None, force={OP: "aiter"})
+    assert forced.config == {"fuse_shared": fuse}
+    if not fuse:
+        assert {"aiter-topk-workspace-path-ignores-strides", "aiter-topk-over-512-experts-ignores-strides"} & set(dict(forced.rules))
+
+
+def test_never_run_adapters_do_not_outrank_triton_by_default():
+    """The vllm and aiter adapters have not run on this project's machines: with no rule
+    and no measurement, the GPU-verified Triton kernel is chosen."""
+    from kernmux.dispatch.registry import REGISTRY
+
+    kernels = REGISTRY.kernels_of(OP)
+    assert kernels["triton"].priority > max(kernels["aiter"].priority, kernels["vllm"].priority)
+    cuda = Platform(vendor="cuda", arch="sm_90", device="H100", units=132,
+                    libs={"torch": "2.9.0", "triton": "3.4.0", "vllm": "0.33.0"}, what_if=True)
+    decision = resolve(OP, {**_features(16, 128, 8, 0), "device": "cuda"}, cuda, load_rules(), tuning=None, force={})
+    assert decision.kernel == "triton" and decision.source == "priority"
+    rocm = resolve(OP, {**_features(16, 128, 8, 0), "device": "cuda"}, _gfx950("0.1.20"), load_rules(), tuning=None, force={})
+    assert rocm.kernel == "triton"
 
 
 # ------------------------------------------------------------------------- vLLM
@@ -217,20 +324,29 @@ _SEEN: dict[str, list] = {name: [] for name in _SCHEMAS}
 
 
 def _vllm_like_impl(name):
+    """vLLM's kernel as read at v0.32.0/v0.33.0: NaN/inf probabilities clamped to 0, and
+    with ``is_padding`` every routed id of a padded row set to -1 (PR #48979)."""
+
     def impl(*args, **kwargs):
         weights, ids, token_expert_indices, gating = args[:4]
         renormalize = args[4] if len(args) > 4 else kwargs.pop("renormalize", False)
+        is_padding = kwargs.pop("is_padding", None)
         rest = tuple(args[5:]) + tuple(kwargs.values())
+        if "is_padding" in _SCHEMAS[name] and len(args) > 6:  # the dispatcher passes it positionally
+            is_padding, rest = args[6], tuple(args[5:6])
         # vLLM's kernel takes the row length from the last dimension: rows must be dense.
         assert gating.is_contiguous(), "gating_output must be contiguous"
-        _SEEN[name].append((renormalize, rest))
+        _SEEN[name].append((renormalize, rest, is_padding))
         probs = torch.softmax(gating.float(), dim=-1)
+        probs = torch.where(torch.isfinite(probs), probs, torch.zeros_like(probs))
         values, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         values, order = values[:, : ids.shape[1]], order[:, : ids.shape[1]]
         if renormalize:
             values = values / values.sum(dim=-1, keepdim=True)
         weights.copy_(values)
         ids.copy_(order.to(torch.int32))
+        if is_padding is not None:
+            ids.masked_fill_(is_padding.view(-1, 1), -1)
         token_expert_indices.zero_()
 
     return impl
@@ -246,12 +362,13 @@ def _op(name):
 
 
 @pytest.mark.parametrize(
-    "name,renorm_arg,none_args",
-    [("v4", False, ()), ("v5", True, ()), ("v6", True, ("bias",)), ("v7", True, ())],
+    "name,renorm_arg,none_args,padding",
+    [("v4", False, (), False), ("v5", True, (), False), ("v6", True, ("bias",), False), ("v7", True, (), True)],
 )
-def test_vllm_call_plan_from_schema(name, renorm_arg, none_args):
+def test_vllm_call_plan_from_schema(name, renorm_arg, none_args, padding):
     plan = vllm_adapter.plan_from_schema(_op(name).default._schema)
     assert plan.passes_renormalize is renorm_arg and plan.none_args == none_args
+    assert plan.passes_padding is padding
 
 
 def test_vllm_call_plan_rejects_unknown_required_arguments():
@@ -263,20 +380,23 @@ def test_vllm_call_plan_rejects_unknown_required_arguments():
 
 
 @pytest.mark.parametrize("name", list(_SCHEMAS))
-@pytest.mark.parametrize("shared,renormalize", [(0, False), (0, True), (2, True)])
-def test_vllm_adapter_against_each_schema(monkeypatch, name, shared, renormalize):
+@pytest.mark.parametrize("shared,renormalize,padding", [(0, False, False), (0, True, True), (2, True, True)])
+@pytest.mark.parametrize("maker", [spec.make_inputs, spec.make_nonfinite_inputs])
+def test_vllm_adapter_against_each_schema(monkeypatch, name, shared, renormalize, padding, maker):
     op = _op(name)
     monkeypatch.setattr(vllm_adapter, "load_op", lambda: op)
     monkeypatch.setattr(vllm_adapter, "call_plan", lambda: vllm_adapter.plan_from_schema(op.default._schema))
-    feats = _features(5, 160, 8, shared, dtype="fp32", renormalize=renormalize)
-    logits, topk, renorm, num_shared = _inputs(feats, ("vllm", name))
+    feats = _features(7, 160, 8, shared, dtype="fp32", renormalize=renormalize, padding=padding)
+    args = _inputs_with_mask(feats, ("vllm", name), maker)
     _SEEN[name].clear()
-    got = vllm_adapter.moe_topk_softmax(logits, topk, renorm, num_shared)
-    [(passed_renorm, rest)] = _SEEN[name]
+    got = vllm_adapter.moe_topk_softmax(*args)
+    [(passed_renorm, rest, passed_mask)] = _SEEN[name]
     # The kernel renormalises where the schema lets it; otherwise the adapter does.
     assert passed_renorm is (renormalize if name != "v4" else False)
     assert all(value is None for value in rest)
-    result = spec.compare(got, reference(logits, topk, renorm, num_shared), feats)
+    # The mask reaches vLLM's kernel where its schema takes one (the adapter applies it otherwise).
+    assert (passed_mask is args[4]) if name == "v7" else passed_mask is None
+    result = spec.compare(got, reference(*args), feats)
     assert result.passed, result.detail
 
 

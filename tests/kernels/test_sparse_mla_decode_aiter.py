@@ -1,8 +1,10 @@
 """sparse_mla_decode through AITER: argument construction and gating (no AMD GPU here).
 
 ``aiter`` is replaced in ``sys.modules`` by a stand-in (tests/kernels/stand_ins/mla_aiter.py)
-that keeps the persistent-mode signatures of amd-aiter >= 0.1.10.post3 and computes what
+that keeps the persistent-mode signatures of amd-aiter >= 0.1.10.post2 and computes what
 the call means in PyTorch. What the ASM kernels do on MI300/MI355 stays unverified.
+Stand-in tests are CPU-only by nature (no ROCm here); the what-if gating tests resolve
+for a ROCm platform without running anything.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ def test_call_arguments_and_metadata_cache(fake_aiter):
     info = [c for n, c in aiter.CALLS if n == "info"]
     assert {(c["batch_size"], c["num_head_qo"], c["is_sparse"], c["q_dtype"]) for c in info} == {(5, 16, True, torch.float8_e4m3fn)}
     meta = [c for n, c in aiter.CALLS if n == "metadata"]
+    assert {(c["dtype_q"], c["dtype_kv"]) for c in meta} == {(torch.float8_e4m3fn, torch.float8_e4m3fn)}
+    meta = [c for n, c in aiter.CALLS if n == "metadata"]
     assert {(c["num_heads_per_head_k"], c["num_heads_k"], c["page_size"], c["max_seqlen_qo"]) for c in meta} == {(16, 1, 1, 1)}
     assert {c["topk"] for c in meta} == {64, 24}
     decode = [c for n, c in aiter.CALLS if n == "decode"]
@@ -119,13 +123,13 @@ def test_fixed_stride_indices_with_trailing_sentinels(fake_aiter):
 
 
 def test_h64_inf_lse_is_fixed_by_the_split_rule(fake_aiter):
-    """The stand-in reproduces gfx950's qh64 kernel (+inf LSE rows): a direct 64-head call
-    fails the comparison, the rule's split into two 32-head calls passes."""
+    """The stand-in reproduces gfx950's qh64 kernel of v0.1.12 (+inf LSE rows): a direct
+    64-head call fails the comparison, the rule's split into two 32-head calls passes."""
     fake_aiter(h64_inf_lse=True)
     f = feats(heads=64, extra_topk=16, sink=True)
     direct, _, _ = run(f, seed=4)
     assert not direct.passed
-    decision = resolve(OP, {**f, "device": "cuda"}, rocm("0.1.20.post1", "gfx950"), load_rules(), force={})
+    decision = resolve(OP, {**f, "device": "cuda"}, rocm("0.1.12", "gfx950"), load_rules(), force={})
     assert decision.kernel == "aiter" and decision.transform == TransformSpec(split_heads=32)
     assert "aiter-mla-gfx950-h64-split" in dict(decision.rules)
     split = apply_transform(adapter.sparse_mla_decode_aiter, REGISTRY.op(OP), decision.transform)
@@ -138,11 +142,46 @@ def test_heads_below_16_need_the_pad_rule(fake_aiter):
     f = feats(heads=8, extra_topk=16, sink=True)
     with pytest.raises(AssertionError, match="num_head_qo % 16"):
         run(f, seed=5)
-    decision = resolve(OP, {**f, "device": "cuda"}, rocm("0.1.12", "gfx942"), load_rules(), force={})
+    decision = resolve(OP, {**f, "device": "cuda"}, rocm("0.1.12", "gfx950"), load_rules(), force={})
     assert decision.kernel == "aiter" and decision.transform == TransformSpec(pad_heads=16)
     padded = apply_transform(adapter.sparse_mla_decode_aiter, REGISTRY.op(OP), decision.transform)
     result, _, _ = run(f, seed=5, fn=padded)
     assert result.passed, result.detail
+
+
+def test_gfx942_casts_to_e4m3fnuz(fake_aiter, monkeypatch):
+    """AITER's dtypes.fp8 is float8_e4m3fnuz on gfx942 (aiter/utility/dtypes.py, v0.1.12+):
+    q, kv and the metadata dtypes must be that type (largest value 240, not 448)."""
+    fake_aiter(fp8=torch.float8_e4m3fnuz)
+    monkeypatch.setattr(adapter, "device_arch", lambda device: "gfx942")
+    result, _, _ = run(feats(heads=16, extra_topk=16, sink=True), seed=8)
+    assert result.passed, (result.detail, result.metrics)
+    assert adapter.fp8_dtype("gfx942") == torch.float8_e4m3fnuz and adapter.fp8_dtype("gfx950") == torch.float8_e4m3fn
+
+
+def test_e4m3fn_on_gfx942_is_what_the_stand_in_rejects(fake_aiter, monkeypatch):
+    fake_aiter(fp8=torch.float8_e4m3fnuz)
+    monkeypatch.setattr(adapter, "device_arch", lambda device: "gfx950")
+    with pytest.raises(AssertionError, match="e4m3fnuz"):
+        run(feats(), seed=9)
+
+
+@pytest.mark.parametrize("case", [dict(heads=16, extra_topk=16, sink=True), dict(heads=16, kv_dtype="fp8", batch=6)])
+def test_nan_rows_follow_the_reference_whatever_the_kernel_does(fake_aiter, case):
+    """The stand-in turns NaN rows into o = 0, lse = +inf ("no valid slot"), the failure
+    the Triton kernel had; the adapter's NaN rule restores NaN exactly where the
+    reference has it."""
+    fake_aiter(nan_as_empty=True)
+    op = REGISTRY.op(OP)
+    f = feats(**case)
+    args, kw = op.make_nonfinite_inputs(f, "cpu", 11)
+    positional = (*args, kw["extra_kv_cache"], kw["extra_indices"], kw["attn_sink"])
+    expected = reference(*positional)
+    with poisoned_outputs():
+        got = adapter.sparse_mla_decode_aiter(*positional)
+    result = op.compare(got, expected, f)
+    assert result.passed, (result.detail, result.metrics)
+    assert result.metrics["nan_rows_expected"] > 0
 
 
 def test_without_return_lse_the_call_fails(fake_aiter):
@@ -161,13 +200,17 @@ def rocm(version, arch):
 @pytest.mark.parametrize(
     "version,arch,heads,kernel,transform,rule",
     [
-        ("0.1.20.post1", "gfx950", 64, "aiter", {"split_heads": 32}, "aiter-mla-gfx950-h64-split"),
+        ("0.1.12", "gfx950", 64, "aiter", {"split_heads": 32}, "aiter-mla-gfx950-h64-split"),
+        ("0.1.12.post1", "gfx950", 64, "aiter", {}, None),  # the qh64 LSE code object is gone
+        ("0.1.20.post1", "gfx950", 64, "aiter", {}, None),
+        ("0.1.11", "gfx950", 64, "aiter", {}, None),
         ("0.1.20.post1", "gfx950", 32, "aiter", {}, None),
         ("0.1.20.post1", "gfx950", 128, "aiter", {}, None),
-        ("0.1.12", "gfx942", 64, "aiter", {}, None),
-        ("0.1.18", "gfx942", 64, "torch", {}, "aiter-mla-gfx942-fp8-h64-fault"),
-        ("0.1.10.post3", "gfx950", 16, "aiter", {}, None),
-        ("0.1.10", "gfx950", 16, "torch", {}, "aiter-mla-persistent-lse-api"),
+        ("0.1.12", "gfx942", 64, "torch", {}, "aiter-mla-gfx942-no-lse-kernel"),
+        ("0.1.18", "gfx942", 64, "torch", {}, "aiter-mla-gfx942-no-lse-kernel"),
+        ("0.1.11", "gfx942", 64, "aiter", {}, None),  # before v0.1.12 the reduce writes final LSE
+        ("0.1.10.post2", "gfx950", 16, "aiter", {}, None),
+        ("0.1.10.post1", "gfx950", 16, "torch", {}, "aiter-mla-persistent-lse-api"),
         ("0.1.9", "gfx950", 64, "torch", {}, "aiter-mla-persistent-lse-api"),
         ("0.1.20.post1", "gfx950", 8, "aiter", {"pad_heads": 16}, "aiter-mla-heads-below-16-pad"),
         ("0.1.20.post1", "gfx950", 24, "torch", {}, None),  # no kernel for 24 heads, no rule pads it
@@ -181,3 +224,16 @@ def test_gating(version, arch, heads, kernel, transform, rule):
     assert decision.transform.as_dict() == transform
     if rule:
         assert rule in dict(decision.rules)
+
+
+@pytest.mark.parametrize(
+    "version",
+    ["0.1.12", "0.1.12.post2", "0.1.13", "0.1.16.post6", "0.1.17", "0.1.18", "0.1.19.post2", "0.1.20", "0.1.20.post1", "0.1.22.post1"],
+)
+@pytest.mark.parametrize("heads", [8, 16, 32, 64, 128])
+def test_gfx942_never_picks_aiter_with_lse(version, heads):
+    """No gfx942 code object writes the final LSE of this persistent call from v0.1.12
+    (none until v0.1.18, then only the gqa64 one whose sibling faults, #4363)."""
+    decision = resolve(OP, feats(heads=heads, extra_topk=16, device="cuda"), rocm(version, "gfx942"), load_rules(), force={})
+    assert decision.kernel != "aiter"
+    assert "aiter-mla-gfx942-no-lse-kernel" in dict(decision.rules)

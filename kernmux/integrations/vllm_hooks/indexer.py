@@ -13,6 +13,11 @@ vLLM code paths replaced (decode / MTP logits of the DeepSeek V3.2 indexer):
   a SHUFFLE layout for larger pages on ROCm). A ``[B, next_n]`` context-length table is
   reduced to its last column, as vLLM does for AITER.
 
+Arguments are mapped by name, read from the installed function's own signature (never
+by a position list): vLLM 0.32's ``fp8_fp4_paged_mqa_logits`` has ``clean_logits`` before
+``indices``, 0.33 removed it (``..., max_model_len, indices=None``), so a positional
+8th argument means ``clean_logits`` in one and ``indices`` in the other.
+
 Both receive the fused uint8 indexer cache ``[num_blocks, block_size, 1, D + 4]`` (page
 layout: a page's fp8 keys, then its fp32 scales), split into kernmux's ``k_cache`` /
 ``k_scale`` views without a copy (``kernmux.kernels.indexer_logits.layout``). Output:
@@ -22,6 +27,7 @@ fp32 ``[B * next_n, max_model_len]`` with -inf past each context (DeepGEMM's
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -31,14 +37,19 @@ OP = "indexer_logits"
 DEEP_GEMM_MODULE = "vllm.utils.deep_gemm"
 ROCM_MODULE = "vllm.v1.attention.ops.rocm_aiter_mla_sparse"
 
-_DG_PARAMS = (
-    "q", "kv_cache", "weights", "context_lens", "block_tables", "schedule_metadata",
-    "max_model_len", "clean_logits", "indices",
-)
-_ROCM_PARAMS = (
-    "q_fp8", "kv_cache_fp8", "weights", "context_lens", "block_tables", "schedule_metadata",
-    "max_model_len", "compress_ratio",
-)
+# The leading parameters both releases share (checked before installing); the rest is
+# read from each installed function's signature.
+_DG_PARAMS = ("q", "kv_cache", "weights", "context_lens", "block_tables", "schedule_metadata", "max_model_len")
+_ROCM_PARAMS = ("q_fp8", "kv_cache_fp8", "weights", "context_lens", "block_tables", "schedule_metadata", "max_model_len")
+
+
+def parameter_names(fn: Callable[..., Any]) -> tuple[tuple[str, ...], frozenset[str]]:
+    """(names a positional argument binds to, in order; every name a keyword may use) of
+    ``fn``'s real signature."""
+    params = inspect.signature(fn).parameters.values()
+    positional = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    keywords = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return positional, keywords
 
 
 def _logits(q: Any, kv_cache: Any, weights: Any, context_lens: Any, block_tables: Any, max_model_len: int) -> Any:
@@ -49,16 +60,21 @@ def _logits(q: Any, kv_cache: Any, weights: Any, context_lens: Any, block_tables
     return ops_module().indexer_logits(q, k_cache, k_scale, weights, context_lens, block_tables, int(max_model_len))
 
 
-def _guarded(runtime: HookRuntime, original: Callable[..., Any], params: tuple[str, ...],
+def _guarded(runtime: HookRuntime, original: Callable[..., Any],
              prepare: Callable[[dict[str, Any]], tuple | None]) -> Callable[..., Any]:
-    """Replacement that maps a call with ``prepare`` (None = not expressible)."""
+    """Replacement that names each argument by ``original``'s signature and maps the call
+    with ``prepare`` (None = not expressible: vLLM's function runs)."""
+    positional, keywords = parameter_names(original)
 
     def replacement(*args: Any, **kwargs: Any) -> Any:
-        if runtime.disabled or len(args) > len(params) or not set(kwargs) <= set(params):
-            return original(*args, **kwargs)
-        call = dict(zip(params, args))
+        if runtime.disabled or len(args) > len(positional) or not keywords.issuperset(kwargs):
+            return original(*args, **kwargs)  # vLLM reports a malformed call itself
+        call = dict(zip(positional, args))
         call.update(kwargs)
-        mapped = prepare(call)
+        try:
+            mapped = prepare(call)
+        except KeyError:  # a required argument missing: vLLM's function reports it
+            return original(*args, **kwargs)
         if mapped is None:
             runtime.passthrough()
             return original(*args, **kwargs)
@@ -107,11 +123,11 @@ def _prepare_rocm(call: dict[str, Any]) -> tuple | None:
 
 
 def make_deep_gemm(runtime: HookRuntime, original: Callable[..., Any]) -> Callable[..., Any]:
-    return _guarded(runtime, original, _DG_PARAMS, _prepare_deep_gemm)
+    return _guarded(runtime, original, _prepare_deep_gemm)
 
 
 def make_rocm(runtime: HookRuntime, original: Callable[..., Any]) -> Callable[..., Any]:
-    return _guarded(runtime, original, _ROCM_PARAMS, _prepare_rocm)
+    return _guarded(runtime, original, _prepare_rocm)
 
 
 DEEP_GEMM = HookSpec(
@@ -119,7 +135,7 @@ DEEP_GEMM = HookSpec(
     op=OP,
     module=DEEP_GEMM_MODULE,
     attr="fp8_fp4_paged_mqa_logits",
-    params=_DG_PARAMS[:7],
+    params=_DG_PARAMS,
     make=make_deep_gemm,
     replaces="deep_gemm.fp8_fp4_paged_mqa_logits (FP8 path): DeepGEMM's paged MQA logits in SparseAttnIndexer decode",
 )
@@ -129,7 +145,7 @@ ROCM = HookSpec(
     op=OP,
     module=ROCM_MODULE,
     attr="rocm_fp8_paged_mqa_logits",
-    params=_ROCM_PARAMS[:7],
+    params=_ROCM_PARAMS,
     make=make_rocm,
     replaces=(
         "rocm_aiter_mla_sparse.rocm_fp8_paged_mqa_logits (block_size 1, compress_ratio 1): "

@@ -15,11 +15,20 @@ Two vLLM code paths compute softmax top-k routing:
 
 Calls outside what the op expresses (another shared-expert scoring function, extra
 arguments) go to vLLM's function unchanged.
+
+The padding mask. vLLM 0.32/0.33's ``vllm_topk_softmax`` passes ``is_padding`` (the
+forward context's mask, sliced to the token count, by the module's
+``_get_padding_mask``, which returns None unless ``VLLM_MOE_SKIP_PADDING`` is on -- its
+default -- and a forward context is set) to ``_moe_C::topk_softmax``, which writes id -1
+to every routed slot of a padded row (PR #48979). The replacement reads the mask through
+that same function and hands it to ``kernmux.ops.moe_topk_softmax(..., is_padding=)``,
+whose kernels do exactly that; where vLLM's own choice was AITER
+(``rocm_aiter_ops.topk_softmax``, which takes no mask), no mask is passed either.
 """
 
 from __future__ import annotations
 
-import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -42,11 +51,13 @@ _TOPK_DEFAULTS = {
 }
 
 
-def _skip_padding_reason(module: Any) -> str | None:
-    # vllm_topk_softmax then masks padding rows; kernmux's op has no padding mask.
-    if os.environ.get("VLLM_MOE_SKIP_PADDING", "").strip().lower() in ("1", "true", "yes"):
-        return "VLLM_MOE_SKIP_PADDING is set (vLLM masks padded rows; moe_topk_softmax has no mask)"
-    return None
+def padding_source(module: Any, vllm_fn: Callable[..., Any]) -> Callable[[int], Any] | None:
+    """The function that gives vLLM's padding mask for ``num_tokens`` rows when ``vllm_fn``
+    (the top-k function vLLM's factory chose) applies one, else None: vLLM's CUDA
+    ``vllm_topk_softmax`` applies ``_get_padding_mask(num_tokens)``; AITER's does not."""
+    if module is None or vllm_fn is not getattr(module, "vllm_topk_softmax", None):
+        return None
+    return getattr(module, "_get_padding_mask", None)
 
 
 def make_dispatch(runtime: HookRuntime, original_factory: Callable[..., Any]) -> Callable[..., Any]:
@@ -54,6 +65,7 @@ def make_dispatch(runtime: HookRuntime, original_factory: Callable[..., Any]) ->
     vLLM's factory, whose answer is kept as the fallback), returns a kernmux-backed
     top-k function."""
     wrapped: dict[Any, Callable[..., Any]] = {}
+    module = sys.modules.get(getattr(original_factory, "__module__", ""))
 
     def dispatch_topk_softmax_func(*args: Any, **kwargs: Any) -> Callable[..., Any]:
         vllm_fn = original_factory(*args, **kwargs)
@@ -62,9 +74,9 @@ def make_dispatch(runtime: HookRuntime, original_factory: Callable[..., Any]) ->
         try:
             fn = wrapped.get(vllm_fn)
         except TypeError:  # unhashable callable: build one per call
-            return make_topk_softmax(runtime, vllm_fn)
+            return make_topk_softmax(runtime, vllm_fn, padding_source(module, vllm_fn))
         if fn is None:
-            fn = make_topk_softmax(runtime, vllm_fn)
+            fn = make_topk_softmax(runtime, vllm_fn, padding_source(module, vllm_fn))
             if len(wrapped) < _MAX_CACHED_FUNCS:
                 wrapped[vllm_fn] = fn
         return fn
@@ -77,7 +89,9 @@ def make_dispatch(runtime: HookRuntime, original_factory: Callable[..., Any]) ->
     return dispatch_topk_softmax_func
 
 
-def make_topk_softmax(runtime: HookRuntime, vllm_fn: Callable[..., Any]) -> Callable[..., Any]:
+def make_topk_softmax(
+    runtime: HookRuntime, vllm_fn: Callable[..., Any], padding: Callable[[int], Any] | None = None
+) -> Callable[..., Any]:
     """A function with vLLM's top-k softmax calling convention backed by kernmux.
 
     (topk_weights fp32 [T, k] or [T, k + S], topk_indices int [T, k],
@@ -86,6 +100,8 @@ def make_topk_softmax(runtime: HookRuntime, vllm_fn: Callable[..., Any]) -> Call
     written in place like vLLM's: routed weights/ids in the first k slots, the S shared
     weights (sigmoid of the last S logits) after them when the weight buffer has room,
     token_expert_indices[t, j] = j * T + t (the source-row map vLLM's kernel writes).
+    padding: vLLM's mask source for this function (see :func:`padding_source`); padded
+    rows get id -1 as vLLM's kernel writes them.
     """
 
     def topk_softmax(*args: Any, **kwargs: Any) -> Any:
@@ -109,8 +125,9 @@ def make_topk_softmax(runtime: HookRuntime, vllm_fn: Callable[..., Any]) -> Call
         if not expressible:
             runtime.passthrough()
             return vllm_fn(*args, **kwargs)
+        mask = padding(indices.shape[0]) if padding is not None else None
         call = (weights, indices, values["token_expert_indices"], values["gating_output"], k,
-                bool(values["renormalize"]), shared)
+                bool(values["renormalize"]), shared, mask)
         if compiling():
             return _fill(*call)
         try:
@@ -127,11 +144,11 @@ def make_topk_softmax(runtime: HookRuntime, vllm_fn: Callable[..., Any]) -> Call
 
 def _fill(
     topk_weights: Any, topk_indices: Any, token_expert_indices: Any, gating_output: Any,
-    k: int, renormalize: bool, shared: int,
+    k: int, renormalize: bool, shared: int, is_padding: Any = None,
 ) -> tuple[Any, Any]:
     import torch
 
-    weights, ids = ops_module().moe_topk_softmax(gating_output, k, bool(renormalize), shared)
+    weights, ids = ops_module().moe_topk_softmax(gating_output, k, bool(renormalize), shared, is_padding)
     topk_weights.copy_(weights[:, : topk_weights.shape[-1]])
     topk_indices.copy_(ids[:, :k])
     if token_expert_indices is not None:
@@ -175,9 +192,9 @@ FUSED = HookSpec(
     replaces=(
         "fused_topk_router.dispatch_topk_softmax_func: the choice between vLLM's CUDA "
         "topk_softmax and AITER topk_softmax (fused_topk, FusedTopKRouter, "
-        "AiterSharedRoutedFusedMoERouter incl. the fused shared-expert slots)"
+        "AiterSharedRoutedFusedMoERouter incl. the fused shared-expert slots); the "
+        "is_padding mask passed on as vLLM passes it"
     ),
-    skip_if=_skip_padding_reason,
 )
 
 CPU = HookSpec(

@@ -1,8 +1,9 @@
 """``indexer_logits``: paged fp8 MQA logits of the DeepSeek sparse-attention indexer.
 
 Registers the op and its kernels (torch reference, Triton, AITER) without importing
-triton or aiter. Semantics: ``reference.py``; key-cache layouts: ``layout.py``;
-features, tolerance and roofline: ``spec.py``. Version-specific AITER knowledge lives
+triton or aiter. Semantics (NaN rule included): ``reference.py``; key-cache layouts:
+``layout.py``; features, validation, tolerance and roofline: ``spec.py``; value checks
+(every call in the reference, opt-in ``KERNMUX_CHECK_VALUES=1`` in kernels): ``checks.py``. Version-specific AITER knowledge lives
 in ``kernmux/rules/shipped/indexer_logits.yaml``, not here.
 """
 
@@ -126,7 +127,9 @@ register_kernel(
     default_config={"entry": "stage1", "ChunkQ": 64, "ChunkK": 256, "layout": "token"},
     config_valid=aiter_config_valid,
     probe=lambda platform: _aiter_probe(platform),
-    priority=30,
+    # Below triton like every adapter never run here (triton is CUDA-only for this op, so
+    # on ROCm AITER still wins over the torch reference).
+    priority=10,
     doc="AITER deepgemm_fp8_paged_mqa_logits (stage1 + head sum by default); unverified on AMD here",
 )
 

@@ -10,14 +10,25 @@ Config:
   does); ``"fused"`` calls ``deepgemm_fp8_paged_mqa_logits`` (one pass, ChunkQ = heads
   inside AITER).
 - ``ChunkQ`` (stage1): heads per program; AITER's default 64 divides by zero in its
-  grid computation when heads < ChunkQ (ROCm/aiter#2563) -- the shipped rules set it to
-  the head count. amd-aiter < 0.1.8 has no such argument (ChunkQ is fixed at 32).
+  grid computation when heads < ChunkQ (ROCm/aiter#2563, open through v0.1.20.post1) --
+  the shipped rules set it to the head count. The ``ChunkQ``/``ChunkK`` keywords exist
+  from v0.1.7.post3; v0.1.7-v0.1.7.post2 fix ChunkQ at 32 and are denied by the rules
+  (they also read the key cache as e4m3fnuz whatever the arch).
 - ``ChunkK``: keys per inner step.
 - ``layout``: ``"token"`` hands AITER a token-fused cache (``[tokens, 1, 1, D+4]``,
   ``KVBlockSize=1``) and a per-token index table -- the form every AITER version seen
   accepts; ``"page"`` hands the page-fused cache with ``KVBlockSize=block_size`` and the
-  block table (AITER main). The cache is passed without a copy when ``k_cache`` and
-  ``k_scale`` are views of a buffer of that layout (see ``layout.py``), else packed.
+  block table. stage1 reads paged caches only from v0.1.20 (commit 8abb3607e9, #4440):
+  before it, stage1 takes the token layout whatever the config says (noted on the call).
+  The cache is passed without a copy when ``k_cache`` and ``k_scale`` are views of a
+  buffer of that layout (see ``layout.py``), else packed.
+
+NaN in, NaN out: AITER's kernels apply relu as ``tl.maximum(o, 0.0)`` (v0.1.20.post1),
+which on the GPU turns a NaN score into 0. After the call the adapter restores the
+reference's rule for NaN in ``q``, ``weights`` and ``k_scale`` (a gather of the scales
+through the block table: 4 bytes per position against D + 4 for the keys). A NaN byte
+inside the fp8 keys is not detected on this path: finding it would read the cache a
+second time.
 
 AITER writes only positions inside each request's context: the output (and the stage1
 buffer) start at -inf. The stage1 kernel stores whole ``ChunkK`` chunks without a
@@ -37,11 +48,14 @@ from packaging.version import Version
 from kernmux.dispatch.outputs import empty_output
 from kernmux.dispatch.platform import lib_version
 from kernmux.kernels.indexer_logits import layout
+from kernmux.kernels.indexer_logits.checks import maybe_check_values
 
 # Module paths across AITER versions (moved under attention/ in 2026).
 MODULES = ("aiter.ops.triton.attention.pa_mqa_logits", "aiter.ops.triton.pa_mqa_logits")
-# stage1 gained ChunkQ / ChunkK arguments in 0.1.8 (0.1.7 hard-codes ChunkQ=32).
-CHUNKQ_ARG_SINCE = Version("0.1.8")
+# stage1 gained ChunkQ / ChunkK arguments in v0.1.7.post3 (v0.1.7-post2 hard-code ChunkQ=32).
+CHUNKQ_ARG_SINCE = Version("0.1.7.post3")
+# stage1 reads page-fused caches (KVBlockSize > 1) from v0.1.20 (commit 8abb3607e9).
+STAGE1_PAGED_SINCE = Version("0.1.20")
 
 
 def resolve_chunk_q(config: Mapping[str, Any], heads: int) -> int:
@@ -80,6 +94,28 @@ class AiterCall:
         return self.out
 
 
+def restore_nan(
+    out: torch.Tensor, q: torch.Tensor, k_scale: torch.Tensor, weights: torch.Tensor,
+    context_lens: torch.Tensor, block_table: torch.Tensor,
+) -> torch.Tensor:
+    """``out`` [B * next_n, W] with the reference's NaN rule for NaN in q, weights and
+    k_scale applied within each row's causal range (in place; no host synchronisation)."""
+    batch, next_n = q.shape[:2]
+    width = out.shape[1]
+    num_blocks, block_size = k_scale.shape
+    row_nan = torch.isnan(q.float()).flatten(2).any(dim=2).reshape(-1) | torch.isnan(weights).any(dim=1)
+    positions = torch.arange(width, device=out.device)
+    pages_used = min(block_table.shape[1], -(-width // block_size))
+    cols = positions[: pages_used * block_size]
+    pages = block_table[:, cols // block_size].long().clamp(0, num_blocks - 1)
+    scale_nan = torch.zeros(batch, width, dtype=torch.bool, device=out.device)
+    scale_nan[:, : cols.numel()] = torch.isnan(k_scale[pages, cols % block_size])
+    last = context_lens.long().view(batch, 1) - next_n + torch.arange(next_n, device=out.device).view(1, next_n)
+    causal = positions.view(1, 1, width) <= last.view(batch, next_n, 1)  # [B, next_n, W]
+    nan = causal & (row_nan.view(batch, next_n, 1) | scale_nan.view(batch, 1, width))
+    return out.masked_fill_(nan.view(batch * next_n, width), float("nan"))
+
+
 def _packed_cache(k_cache: torch.Tensor, k_scale: torch.Tensor, kind: str, notes: list[str]) -> torch.Tensor:
     base = layout.page_layout_base(k_cache, k_scale) if kind == "page" else layout.token_layout_base(k_cache, k_scale)
     if base is not None:
@@ -111,7 +147,11 @@ def build_call(
     entry = config.get("entry", "stage1")
     chunk_k = int(config.get("ChunkK", 256))
     notes: list[str] = []
-    if config.get("layout", "token") == "page":
+    layout_kind = config.get("layout", "token")
+    if layout_kind == "page" and entry == "stage1" and aiter_version is not None and Version(aiter_version) < STAGE1_PAGED_SINCE:
+        notes.append(f"amd-aiter {aiter_version} < {STAGE1_PAGED_SINCE}: stage1 reads token-fused caches only; layout 'token' used")
+        layout_kind = "token"
+    if layout_kind == "page":
         kv = _packed_cache(k_cache, k_scale, "page", notes)
         table, kv_block = block_table, block_size
     else:
@@ -156,8 +196,10 @@ def indexer_logits_aiter(
     config: dict,
 ) -> torch.Tensor:
     """The op through AITER; shapes as in the reference."""
+    maybe_check_values(q, k_cache, k_scale, weights, context_lens, block_table, max_context)
     call = build_call(q, k_cache, k_scale, weights, context_lens, block_table, max_context, config, lib_version("amd-aiter"))
-    return call.run(load_module())
+    out = call.run(load_module())
+    return restore_nan(out, q, k_scale, weights, context_lens, block_table)
 
 
 def probe(platform) -> Any:

@@ -15,6 +15,8 @@ request are its own (speculative) queries, so query ``n`` sees the prefix up to 
 # and torch.library reads its annotations at runtime.
 import torch
 
+from kernmux.kernels.indexer_logits.checks import check_lens
+
 
 def indexer_logits(
     q: torch.Tensor,
@@ -36,13 +38,22 @@ def indexer_logits(
     block_table: int32 ``[B, max_blocks]``; entries past a request's context are never read.
     max_context: width of the output.
     Returns fp32 ``[B * next_n, max_context]``.
+
+    Values are checked here on every call (one host synchronisation: the reference can
+    afford it); kernels check them only under ``KERNMUX_CHECK_VALUES=1``.
+
+    Non-finite inputs (NaN in, NaN out; relu(NaN) is NaN, and NaN times any weight is
+    NaN): a NaN in ``q[b, n, h]`` or ``weights[i, h]`` makes every in-context entry of
+    row ``i = b * next_n + n`` NaN; a NaN key byte or scale of position ``j`` makes entry
+    ``j`` NaN in every row of request ``b`` whose causal range reaches ``j``. Entries
+    outside the causal range stay ``-inf`` whatever the cache holds there.
     """
     batch, next_n, heads, _ = q.shape
     num_blocks, block_size, _ = k_cache.shape
     max_blocks = block_table.shape[1]
     device = q.device
     lens = context_lens.to(device=device, dtype=torch.long)
-    _check_lens(context_lens, block_table, num_blocks, block_size, max_context)
+    check_lens(context_lens, block_table, num_blocks, block_size, max_context)
 
     used_blocks = min(max_blocks, -(-max_context // block_size))
     span = min(max_context, used_blocks * block_size)  # positions that can be valid
@@ -62,23 +73,3 @@ def indexer_logits(
         valid = positions[None, None, :] <= last[..., None]
         out[..., :span] = torch.where(valid, logits, float("-inf"))
     return out.view(batch * next_n, max_context)
-
-
-def _check_lens(context_lens: torch.Tensor, block_table: torch.Tensor, num_blocks: int, block_size: int, max_context: int) -> None:
-    """Value checks the kernels cannot afford (each synchronises the device once)."""
-    lens = context_lens.to(torch.long)
-    limit = min(max_context, block_table.shape[1] * block_size)
-    bad = (lens < 0) | (lens > limit)
-    if bool(bad.any()):
-        b = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"context_lens[{b}] = {int(lens[b])} must lie in [0, min(max_context={max_context}, "
-            f"max_blocks*block_size={block_table.shape[1] * block_size})]"
-        )
-    page_start = torch.arange(block_table.shape[1], device=block_table.device) * block_size
-    needed = page_start[None, :] < lens.to(block_table.device)[:, None]
-    pages = block_table.to(torch.long)
-    outside = needed & ((pages < 0) | (pages >= num_blocks))
-    if bool(outside.any()):
-        b, m = (int(x) for x in outside.nonzero()[0])
-        raise ValueError(f"block_table[{b}, {m}] = {int(pages[b, m])} lies outside [0, {num_blocks}) within the context of request {b}")

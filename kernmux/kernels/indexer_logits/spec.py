@@ -1,8 +1,8 @@
 """What ``indexer_logits`` needs besides its reference: features, validation, inputs,
 tolerance, fake outputs, tuning bucket and roofline.
 
-Tolerance (``compare``): ``-inf`` exactly where the reference has it; every finite entry
-within ``1e-3 * max(|ref|, rms of the row's finite reference entries)``. The row scale
+Tolerance (``compare``): ``-inf`` and NaN exactly where the reference has them; every
+other entry within ``1e-3 * max(|ref|, rms of the row's finite reference entries)``. The row scale
 is there because the head sum is signed (weights of either sign): an entry may cancel to
 near zero while every term is large, and an fp32-accumulating kernel is then exact only
 relative to the terms, not to the sum. NaN or +inf never passes.
@@ -157,6 +157,25 @@ def make_inputs(feats: Mapping[str, Any], device: Any, seed: int) -> tuple[tuple
     return (q, k_cache, k_scale, weights, context_lens, block_table.to(device), context), {}
 
 
+def make_nonfinite_inputs(feats: Mapping[str, Any], device: Any, seed: int) -> tuple[tuple, dict]:
+    """:func:`make_inputs` with NaN planted where the reference defines the result: one
+    weight of the first output row (the whole in-context row turns NaN) and the scale
+    of an in-context position of the last request (that position turns NaN in each of
+    its rows that reaches it). NaN fp8 bytes (q or keys) are not drawn here: Triton's
+    interpreter decodes e4m3fn 0x7F as 480, so those cases run on the GPU only
+    (tests/kernels/test_gpu_paths.py)."""
+    args, kwargs = make_inputs(feats, device, seed)
+    q, k_cache, k_scale, weights, context_lens, block_table, max_context = args
+    weights = weights.clone()
+    weights[0, weights.shape[1] // 2] = float("nan")
+    batch, block_size = q.shape[0], k_cache.shape[1]
+    ctx = int(context_lens[batch - 1])
+    position = ctx // 2
+    page = int(block_table[batch - 1, position // block_size])
+    k_scale[page, position % block_size] = float("nan")  # a view of the fused buffer: set in place
+    return (q, k_cache, k_scale, weights, context_lens, block_table, max_context), kwargs
+
+
 def _as_tensor(outputs: Any):
     if isinstance(outputs, (tuple, list)):
         if len(outputs) != 1:
@@ -166,7 +185,8 @@ def _as_tensor(outputs: Any):
 
 
 def compare(outputs: Any, reference: Any, feats: Mapping[str, Any]) -> Comparison:
-    """-inf pattern exact, finite entries within REL_TOL of max(|ref|, row rms)."""
+    """-inf pattern exact, NaN exactly where the reference has NaN (the op's NaN rule),
+    other finite entries within REL_TOL of max(|ref|, row rms)."""
     import torch
 
     got, ref = _as_tensor(outputs), _as_tensor(reference)
@@ -175,11 +195,13 @@ def compare(outputs: Any, reference: Any, feats: Mapping[str, Any]) -> Compariso
     if got.dtype != torch.float32:
         return Comparison(False, {}, f"dtype {got.dtype} != float32")
     got, ref = got.detach().to("cpu", torch.float64), ref.detach().to("cpu", torch.float64)
-    nan = int(torch.isnan(got).sum())
+    got_nan, ref_nan = torch.isnan(got), torch.isnan(ref)
+    nan_extra = int((got_nan & ~ref_nan).sum())
+    nan_missing = int((ref_nan & ~got_nan).sum())
     ref_ninf = torch.isneginf(ref)
     inf_mismatch = int((torch.isneginf(got) != ref_ninf).sum())
     posinf = int(torch.isposinf(got).sum())
-    finite = ~ref_ninf
+    finite = ~ref_ninf & ~ref_nan
     ref_f = torch.where(finite, ref, 0.0)
     count = finite.sum(dim=1, keepdim=True).clamp_min(1)
     row_rms = (ref_f.square().sum(dim=1, keepdim=True) / count).sqrt()
@@ -188,14 +210,18 @@ def compare(outputs: Any, reference: Any, feats: Mapping[str, Any]) -> Compariso
     max_rel = float(err.max()) if err.numel() else 0.0
     metrics = {
         "max_rel_err": max_rel,
-        "nan": float(nan),
+        "nan": float(got_nan.sum()),
+        "nan_unexpected": float(nan_extra),
+        "nan_missing": float(nan_missing),
         "posinf": float(posinf),
         "ninf_mismatch": float(inf_mismatch),
         "finite_entries": float(finite.sum()),
     }
     problems = []
-    if nan:
-        problems.append(f"{nan} NaN entries")
+    if nan_extra:
+        problems.append(f"{nan_extra} NaN entries where the reference is finite")
+    if nan_missing:
+        problems.append(f"{nan_missing} entries not NaN where the reference is NaN (a NaN input turned into a number)")
     if posinf:
         problems.append(f"{posinf} +inf entries")
     if inf_mismatch:

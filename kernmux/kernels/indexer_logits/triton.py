@@ -11,6 +11,9 @@ a query's causal limit get ``-inf``. Heads are padded inside the kernel to ``HP`
 power of two >= 16 (the ``tl.dot`` minimum), with zero queries and zero weights, so the
 padding adds exact zeros.
 
+relu keeps NaN (``propagate_nan=ALL``): a NaN query, weight, key or scale gives NaN
+logits, the reference's rule, where a plain ``max(x, 0)`` on the GPU returned 0.
+
 Numerics: fp8 e4m3 -> bf16 (and -> tf32) is exact, so ``dot="bf16"`` / ``"tf32"``
 multiply exactly and accumulate in fp32; bf16 runs the tensor cores at twice the tf32
 rate. ``dot="fp8"`` feeds the fp8 operands to the tensor cores directly (Hopper fp8 MMA
@@ -28,6 +31,7 @@ import triton
 import triton.language as tl
 
 from kernmux.dispatch.outputs import empty_output
+from kernmux.kernels.indexer_logits.checks import maybe_check_values
 
 
 @triton.jit
@@ -50,11 +54,11 @@ def _logits_of_query(q, w, k, scale, KEYS_FIRST: tl.constexpr):
     warp); else q is [HP, D] and the MMA is heads x keys."""
     if KEYS_FIRST:
         s = tl.dot(k, q)  # [BLOCK_N, HP] fp32
-        s = tl.maximum(s * scale[:, None], 0.0)
+        s = tl.maximum(s * scale[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
         logits = tl.sum(s * w[None, :], axis=1)
     else:
         s = tl.dot(q, tl.trans(k))  # [HP, BLOCK_N] fp32
-        s = tl.maximum(s * scale[None, :], 0.0)
+        s = tl.maximum(s * scale[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
         logits = tl.sum(s * w[:, None], axis=0)
     return logits
 
@@ -65,7 +69,7 @@ def _logits_of_pair(qj, wj, first, k, scale):
     heads, then query 1's), wj [2 * HP] their weights, ``first`` marks query 0's columns.
     One N = 2 * HP MMA instead of two of N = HP; the head sums stay within a warp."""
     s = tl.dot(k, qj)  # [BLOCK_N, 2 * HP] fp32
-    s = tl.maximum(s * scale[:, None], 0.0) * wj[None, :]
+    s = tl.maximum(s * scale[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL) * wj[None, :]
     l0 = tl.sum(tl.where(first[None, :], s, 0.0), axis=1)
     l1 = tl.sum(tl.where(first[None, :], 0.0, s), axis=1)
     return l0, l1
@@ -234,6 +238,7 @@ def indexer_logits_triton(
     heads), prefetch (0/1: load the next tile while computing this one), joint (0/1, with
     next_n = 2 and "kh": both queries in one MMA of 2 x HP columns). Shapes as in the reference; any strides (a unit
     stride in the head dimension, which Triton specialises on, gives vector loads)."""
+    maybe_check_values(q, k_cache, k_scale, weights, context_lens, block_table, max_context)
     batch, next_n, heads, head_dim = q.shape
     if next_n not in (1, 2) or head_dim not in (64, 128) or not 1 <= heads <= 128:
         raise ValueError(f"triton indexer_logits handles next_n in (1, 2), head_dim in (64, 128), 1 <= heads <= 128; got next_n={next_n}, head_dim={head_dim}, heads={heads}")

@@ -1,11 +1,16 @@
 """``moe_topk_softmax``: MoE routing — softmax over routed experts, top-k, shared slots.
 
-``moe_topk_softmax(gating_logits [T, E + S], topk, renormalize=False, num_shared=0) ->
-(weights fp32 [T, k + S], ids int32 [T, k + S])``; semantics in ``reference.py``.
+``moe_topk_softmax(gating_logits [T, E + S], topk, renormalize=False, num_shared=0,
+is_padding=None [T] bool) -> (weights fp32 [T, k + S], ids int32 [T, k + S])``; semantics
+(ties, non-finite rows, padded rows) in ``reference.py``.
 
 Kernels: ``torch`` (the reference), ``torch_compile`` (the reference under Inductor),
 ``triton`` (one fused launch), ``aiter`` (ROCm ``aiter.topk_softmax``), ``vllm`` (vLLM's
 compiled ``_moe_C::topk_softmax``). Registration imports none of triton, aiter or vllm.
+
+Default priorities put the adapters that have never run on this project's machines
+(``aiter``, ``vllm``: 10) below the GPU-verified ``triton`` (20): a kernel nobody here has
+checked is chosen only by a rule or a measurement, never by default.
 ``fuse.fuse_router_weights`` builds the ``[E + S, hidden]`` gate whose matmul yields
 these logits in one GEMM.
 """
@@ -158,10 +163,11 @@ register_kernel(
     config_space={"fuse_shared": (True, False)},
     default_config={"fuse_shared": True},
     probe=_aiter_probe,
-    priority=30,
+    priority=10,
     doc="aiter.topk_softmax: 7-argument fused shared-expert form for amd-aiter >= 0.1.12 "
-    "and S in {1,2,4,8}, else the 5-argument form plus a shared-slot append. "
-    "Unverified on AMD hardware.",
+    "and S in {1,2,4,8} (non-power-of-two or > 512 experts only from 0.1.19.post1, where "
+    "the workspace path honours row strides), else the 5-argument form on contiguous "
+    "buffers plus a shared-slot append. Unverified on AMD hardware.",
 )
 
 register_kernel(
@@ -171,7 +177,8 @@ register_kernel(
     requires={"vllm": ""},
     supports=_vllm_supports,
     probe=_vllm_probe,
-    priority=30,
-    doc="vLLM's compiled _moe_C::topk_softmax (call built from the installed schema); "
-    "shared slots appended separately.",
+    priority=10,
+    doc="vLLM's compiled _moe_C::topk_softmax (call built from the installed schema, "
+    "is_padding passed where it has one); shared slots appended separately; NaN rows "
+    "restored to the reference's rule. Unverified on a GPU here.",
 )

@@ -1,7 +1,8 @@
 """``moe_topk_softmax`` as the reference under ``torch.compile`` (Inductor).
 
 What a user would pick instead of a hand-written kernel. One compiled function per
-(dtype, renormalize, num_shared > 0) — the Python-level branches of the reference — so
+(dtype, renormalize, num_shared > 0, padding mask given) — the Python-level branches of
+the reference — so
 each variant keeps its own Dynamo cache entry and none is evicted by the others'
 recompilations; token and expert counts stay dynamic within a variant.
 """
@@ -43,7 +44,8 @@ def moe_topk_softmax(
     topk: int,
     renormalize: bool = False,
     num_shared: int = 0,
+    is_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as the reference (see ``reference.py``); compiled on first use."""
-    key = (gating_logits.dtype, gating_logits.device.type, bool(renormalize), num_shared > 0)
-    return _compiled_for(key)(gating_logits, topk, renormalize, num_shared)
+    key = (gating_logits.dtype, gating_logits.device.type, bool(renormalize), num_shared > 0, is_padding is not None)
+    return _compiled_for(key)(gating_logits, topk, renormalize, num_shared, is_padding)

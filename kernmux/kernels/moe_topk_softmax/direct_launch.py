@@ -28,12 +28,13 @@ _COMPILED_ATTRS = ("run", "function", "packed_metadata", "launch_metadata")
 
 def direct_key(
     stride_t: int, stride_e: int, tokens: int, experts: int, topk: int, num_shared: int,
-    renormalize: bool, config: Mapping[str, Any] | None, dtype: Any, pointers: tuple[int, int, int],
-    device_index: int,
+    renormalize: bool, config: Mapping[str, Any] | None, dtype: Any, pointers: tuple[int, ...],
+    device_index: int, has_padding: bool = False,
 ) -> tuple | None:
     """A key at least as fine as Triton's own specialisation of the top-k kernel.
 
-    It holds the logits dtype, 16-byte alignment of each pointer (logits, weights, ids),
+    It holds the logits dtype, 16-byte alignment of each pointer (logits, weights, ids,
+    padding mask), whether a padding mask is read,
     each specialised int (the two strides) as == 1 and divisible by 16 (token and expert
     counts are ``do_not_specialize``), every constexpr through the inputs of the launch
     parameters (the heuristic's token class, experts, k, S, renormalise, config) and the
@@ -46,7 +47,7 @@ def direct_key(
         experts, topk, num_shared, bool(renormalize),
         tuple(config.items()) if config else (), dtype,
         stride_t == 1, stride_t % 16 == 0, stride_e == 1, stride_e % 16 == 0,
-        pointers[0] % 16 == 0, pointers[1] % 16 == 0, pointers[2] % 16 == 0,
+        tuple(p % 16 == 0 for p in pointers), bool(has_padding),
         device_index,
     )
 

@@ -4,7 +4,7 @@ tolerance, fake outputs, tuning bucket and roofline."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -35,6 +35,7 @@ FEATURE_SPECS = (
                 choices=tuple(range(MAX_SHARED + 1))),
     FeatureSpec("dtype", "str", "dtype of gating_logits", "bf16", choices=tuple(DTYPES)),
     FeatureSpec("renormalize", "bool", "renormalise the k routed weights to sum 1", False),
+    FeatureSpec("padding", "bool", "an is_padding mask is given (padded rows get id -1)", False),
 )
 
 # The acceptance grid: tokens 1 and odd, two non-power-of-two expert counts (160 and
@@ -50,7 +51,8 @@ SWEEP_DEFAULTS: dict[str, tuple[Any, ...]] = {
 
 
 def features(
-    gating_logits: torch.Tensor, topk: int, renormalize: bool = False, num_shared: int = 0
+    gating_logits: torch.Tensor, topk: int, renormalize: bool = False, num_shared: int = 0,
+    is_padding: Optional[torch.Tensor] = None,
 ) -> dict[str, Any]:
     """Shapes and flags only (cheap). Never raises on malformed arguments: those get
     placeholder values here and a precise error from :func:`validate`."""
@@ -65,6 +67,7 @@ def features(
         "shared": num_shared,
         "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
         "renormalize": renormalize,
+        "padding": is_padding is not None,
         "device": getattr(device, "type", str(device)),
     }
 
@@ -75,9 +78,13 @@ def _check_int(name: str, value: Any) -> None:
 
 
 def validate(
-    gating_logits: torch.Tensor, topk: int, renormalize: bool = False, num_shared: int = 0
+    gating_logits: torch.Tensor, topk: int, renormalize: bool = False, num_shared: int = 0,
+    is_padding: Optional[torch.Tensor] = None,
 ) -> None:
-    """Raise TypeError/ValueError naming the argument, what was expected and what was got."""
+    """Raise TypeError/ValueError naming the argument, what was expected and what was got.
+
+    Zero tokens are a valid call (an engine's empty batch: empty outputs); a zero-width
+    logits tensor is not (no routed expert)."""
     if not isinstance(gating_logits, torch.Tensor):
         raise TypeError(f"gating_logits: expected a torch.Tensor, got {type(gating_logits).__name__}")
     if gating_logits.dim() != 2:
@@ -104,6 +111,17 @@ def validate(
         )
     if not 1 <= topk <= experts:
         raise ValueError(f"topk: expected 1 <= topk <= experts = {experts}, got {topk}")
+    if is_padding is not None:
+        if not isinstance(is_padding, torch.Tensor):
+            raise TypeError(f"is_padding: expected a torch.Tensor or None, got {type(is_padding).__name__}")
+        if is_padding.dtype != torch.bool:
+            raise TypeError(f"is_padding: expected dtype torch.bool, got {is_padding.dtype}")
+        if tuple(is_padding.shape) != (gating_logits.shape[0],):
+            raise ValueError(
+                f"is_padding: expected shape [tokens] = [{gating_logits.shape[0]}], got {list(is_padding.shape)}"
+            )
+        if is_padding.device != gating_logits.device:
+            raise ValueError(f"is_padding: expected device {gating_logits.device} (gating_logits'), got {is_padding.device}")
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -128,7 +146,9 @@ def make_inputs(features: Mapping[str, Any], device: Any, seed: int) -> tuple[tu
     """Fresh logits without ties among the routed experts of a row.
 
     Each row holds E distinct values from :func:`_tie_free_grid` (one random subset per
-    call, a fresh random permutation per row); shared-gate columns are N(0, 1).
+    call, a fresh random permutation per row); shared-gate columns are N(0, 1). With
+    ``padding``, an ``is_padding`` mask marks about a third of the rows (the last one
+    always, the first never, when there are two or more).
     """
     tokens, experts = int(features["tokens"]), int(features["experts"])
     shared, topk = int(features["shared"]), int(features["topk"])
@@ -141,7 +161,39 @@ def make_inputs(features: Mapping[str, Any], device: Any, seed: int) -> tuple[tu
     routed = subset[order]
     gates = torch.randn(tokens, shared, generator=gen)
     logits = torch.cat([routed, gates], dim=1).to(dtype).to(device)
-    return (logits, topk), {"renormalize": bool(features["renormalize"]), "num_shared": shared}
+    kwargs: dict[str, Any] = {"renormalize": bool(features["renormalize"]), "num_shared": shared}
+    if features.get("padding", False):
+        pad = torch.rand(tokens, generator=gen) < 0.3
+        if tokens >= 2:
+            pad[0], pad[-1] = False, True
+        kwargs["is_padding"] = pad.to(device)
+    return (logits, topk), kwargs
+
+
+def make_nonfinite_inputs(features: Mapping[str, Any], device: Any, seed: int) -> tuple[tuple, dict]:
+    """:func:`make_inputs` with non-finite logits planted, one case per row (as many
+    rows as there are; the rest stay finite): a NaN routed logit, a +inf routed logit,
+    all routed logits -inf (these three rows have NaN weights and ids 0..k-1), half the
+    routed logits -inf (a finite answer: they rank last with probability 0), a NaN
+    shared gate and an infinite shared gate (sigmoid 0 or 1)."""
+    (logits, topk), kwargs = make_inputs(features, device, seed)
+    tokens, experts, shared = int(features["tokens"]), int(features["experts"]), int(features["shared"])
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    cols = torch.randint(0, experts, (2,), generator=gen).tolist()
+    nan, inf = float("nan"), float("inf")
+    logits = logits.clone()
+    cases = [
+        lambda row: row[cols[0]].fill_(nan),
+        lambda row: row[cols[1]].fill_(inf),
+        lambda row: row[:experts].fill_(-inf),
+        lambda row: row[: experts // 2].fill_(-inf),
+    ]
+    if shared:
+        cases.append(lambda row: row[experts].fill_(nan))
+        cases.append(lambda row: row[experts + shared - 1].fill_(-inf if shared == 1 else inf))
+    for index, plant in enumerate(cases[:tokens]):
+        plant(logits[index])
+    return (logits, topk), kwargs
 
 
 # ------------------------------------------------------------------------ tolerance
@@ -150,7 +202,9 @@ WEIGHT_RTOL = 1e-5
 
 
 def compare(outputs: Any, ref_outputs: Any, features: Mapping[str, Any]) -> Comparison:
-    """Ids identical to the reference's; weights within 1e-5 relative; NaN never passes."""
+    """Ids identical to the reference's; weights within 1e-5 relative; a NaN weight
+    passes only where the reference has one (the op's non-finite rule), and a finite
+    weight where the reference has NaN fails."""
     weights, ids = outputs
     ref_w, ref_ids = ref_outputs
     expected_shape = (int(features["tokens"]), int(features["topk"]) + int(features["shared"]))
@@ -167,19 +221,27 @@ def compare(outputs: Any, ref_outputs: Any, features: Mapping[str, Any]) -> Comp
     rw = ref_w.detach().double().cpu()
     got_ids = ids.detach().cpu().long()
     want_ids = ref_ids.detach().cpu().long()
-    nan = int(torch.isnan(w).sum())
+    got_nan, want_nan = torch.isnan(w), torch.isnan(rw)
+    extra_nan = int((got_nan & ~want_nan).sum())
+    missing_nan = int((want_nan & ~got_nan).sum())
     mismatched = got_ids != want_ids
     id_mismatches = int(mismatched.sum())
+    both = ~got_nan & ~want_nan
     denom = rw.abs().clamp_min(torch.finfo(torch.float32).tiny)
-    rel = ((w - rw).abs() / denom).nan_to_num(nan=float("inf"))
+    rel = torch.where(both, (w - rw).abs() / denom, torch.zeros_like(w))
+    rel = rel.nan_to_num(nan=float("inf"))  # inf - inf
     max_rel = float(rel.max()) if rel.numel() else 0.0
     metrics = {
         "max_rel_err": max_rel,
         "id_mismatches": id_mismatches,
-        "nan_weights": nan,
+        "nan_weights": int(got_nan.sum()),
+        "nan_unexpected": extra_nan,
+        "nan_missing": missing_nan,
     }
-    if nan:
-        return Comparison(False, metrics, f"{nan} NaN weight(s) (unwritten output or bad math)")
+    if extra_nan:
+        return Comparison(False, metrics, f"{extra_nan} NaN weight(s) where the reference is finite (unwritten output or bad math)")
+    if missing_nan:
+        return Comparison(False, metrics, f"{missing_nan} finite weight(s) where the reference is NaN (a NaN input turned into a finite answer)")
     if id_mismatches:
         row, col = (int(i) for i in mismatched.nonzero()[0])
         return Comparison(
@@ -197,7 +259,8 @@ def compare(outputs: Any, ref_outputs: Any, features: Mapping[str, Any]) -> Comp
 
 
 def fake(
-    gating_logits: torch.Tensor, topk: int, renormalize: bool = False, num_shared: int = 0
+    gating_logits: torch.Tensor, topk: int, renormalize: bool = False, num_shared: int = 0,
+    is_padding: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty outputs with the real shapes/dtypes (meta implementation for torch.compile)."""
     tokens = gating_logits.shape[0]

@@ -16,6 +16,9 @@ k without leaving registers, by one of three strategies (config ``select``):
 
 Selection uses e = exp(x - max), the numerator of the probability, so ties that exp
 creates (underflow to 0, values that round to 1) are ties here as in the reference.
+A row whose sum of e is NaN (a NaN or +inf logit, or all logits -inf) has no softmax:
+its routed weights are written as NaN and its ids as 0 .. k-1, the reference's rule.
+With an ``is_padding`` mask (``HAS_PAD``), padded rows get id -1 in every slot.
 Weights are e_j / sum(e) or, with renormalisation, e_j / sum over the k picks. The k
 picks of a row block are stored as one [ROWS, KP] tile (KP = power of two >= k); shared
 slot s (output column k + s) gets id E + s and sigmoid(logit[E + s]) from a second small
@@ -48,6 +51,7 @@ def _moe_topk_softmax_kernel(
     logits_ptr,
     weights_ptr,
     ids_ptr,
+    pad_ptr,
     num_tokens,
     num_experts,
     stride_lt,
@@ -60,6 +64,7 @@ def _moe_topk_softmax_kernel(
     KP: tl.constexpr,
     SP: tl.constexpr,
     SELECT: tl.constexpr,
+    HAS_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -116,12 +121,21 @@ def _moe_topk_softmax_kernel(
             cand = tl.where(cols[None, :] == pick_col[:, None], -1.0, cand)
 
     routed = kcols < K
+    total = tl.sum(e, axis=1)
     if RENORM:
         denom = tl.sum(tl.where(routed[None, :], w_tile, 0.0), axis=1)
     else:
-        denom = tl.sum(e, axis=1)
+        denom = total
     denom = tl.where(row_ok, denom, 1.0)
     w_tile = w_tile / denom[:, None]
+    # NaN sum: the row has no softmax (NaN / +inf logit, or all -inf). The reference's
+    # rule: NaN weights, ids 0 .. k-1 (NaN probabilities tie, lower index first).
+    undefined = total != total
+    w_tile = tl.where(undefined[:, None], total[:, None], w_tile)  # total is the NaN
+    id_tile = tl.where(undefined[:, None], kcols[None, :], id_tile)
+    if HAS_PAD:
+        padded = tl.load(pad_ptr + rows64, mask=row_ok, other=0) != 0
+        id_tile = tl.where(padded[:, None], -1, id_tile)
 
     out_row = rows64[:, None] * (K + S)
     out_mask = row_ok[:, None] & routed[None, :]
@@ -136,6 +150,8 @@ def _moe_topk_softmax_kernel(
         gate = gate.to(tl.float32)
         tl.store(weights_ptr + out_row + K + scols[None, :], 1.0 / (1.0 + tl.exp(-gate)), mask=smask)
         sids = (num_experts + scols[None, :]) + tl.zeros((ROWS, SP), dtype=tl.int32)
+        if HAS_PAD:
+            sids = tl.where(padded[:, None], -1, sids)
         tl.store(ids_ptr + out_row + K + scols[None, :], sids, mask=smask)
 
 
@@ -182,14 +198,16 @@ def moe_topk_softmax(
     topk: int,
     renormalize: bool = False,
     num_shared: int = 0,
+    is_padding: torch.Tensor | None = None,
     *,
     config: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused routing; same contract as the reference (see ``reference.py``).
 
-    gating_logits: [T, E + S] fp32/bf16/fp16, any strides. Returns (weights fp32
-    [T, k + S], ids int32 [T, k + S]), both contiguous. ``config``: keys of
-    ``triton_config.CONFIG_SPACE``; missing keys come from ``heuristic_config``.
+    gating_logits: [T, E + S] fp32/bf16/fp16, any strides. is_padding: optional [T]
+    bool. Returns (weights fp32 [T, k + S], ids int32 [T, k + S]), both contiguous.
+    ``config``: keys of ``triton_config.CONFIG_SPACE``; missing keys come from
+    ``heuristic_config``.
     """
     tokens, width = gating_logits.shape
     experts = width - num_shared
@@ -199,6 +217,10 @@ def moe_topk_softmax(
     if tokens == 0:
         return weights, ids
     renormalize = bool(renormalize)
+    has_pad = is_padding is not None
+    # One pointer argument either way: the mask as bytes, or an unread stand-in, so the
+    # compiled signature (and the direct launcher's argument list) does not change.
+    pad = (is_padding if is_padding.is_contiguous() else is_padding.contiguous()).view(torch.uint8) if has_pad else ids
     key = None
     # The interpreter (CPU tests) always takes the generic path.
     driver = LAUNCHER.driver() if device.type != "cpu" else None
@@ -207,18 +229,20 @@ def moe_topk_softmax(
         stride_t, stride_e = gating_logits.stride()
         key = direct_key(
             stride_t, stride_e, tokens, experts, topk, num_shared, renormalize, config, gating_logits.dtype,
-            (gating_logits.data_ptr(), weights.data_ptr(), ids.data_ptr()), device_index,
+            (gating_logits.data_ptr(), weights.data_ptr(), ids.data_ptr(), pad.data_ptr()), device_index,
+            has_pad,
         )
         if key is not None and key in LAUNCHER.entries:
-            runtime_args = (gating_logits, weights, ids, tokens, experts, stride_t, stride_e)
+            runtime_args = (gating_logits, weights, ids, pad, tokens, experts, stride_t, stride_e)
             LAUNCHER.launch(key, tokens, driver[1](device_index), runtime_args)
             return weights, ids
     rows, block, kp, sp, select, warps = _launch_params(tokens, experts, topk, num_shared, config)
-    consts = (topk, num_shared, renormalize, rows, block, kp, sp, select)
+    consts = (topk, num_shared, renormalize, rows, block, kp, sp, select, has_pad)
     compiled = _moe_topk_softmax_kernel[((tokens + rows - 1) // rows,)](
         gating_logits,
         weights,
         ids,
+        pad,
         tokens,
         experts,
         gating_logits.stride(0),
@@ -231,6 +255,7 @@ def moe_topk_softmax(
         KP=kp,
         SP=sp,
         SELECT=select,
+        HAS_PAD=has_pad,
         num_warps=warps,
     )
     LAUNCHER.remember(key, compiled, rows, consts)

@@ -11,11 +11,16 @@ The op writes its outputs in place and its schema grew over releases (vLLM
 
 So the call is built from the schema of the installed build, never from a guessed
 version: the four tensors positionally, ``renormalize`` by keyword where the schema has
-it (else the k weights are renormalised here), ``None`` for optional tensors without a
-default, defaults for the rest. The op
-knows nothing of shared experts: those slots are appended here (sigmoid + copy), and
-the routed columns are passed as their own contiguous tensor, because the kernel derives
-the row length from the tensor's last dimension.
+it (else the k weights are renormalised here), the op's padding mask as ``is_padding``
+where the schema has it (else the ids of padded rows are set to -1 here: the same
+result, vLLM PR #48979), ``None`` for other optional tensors without a default, defaults
+for the rest. The op knows nothing of shared experts: those slots are appended here
+(sigmoid + copy), and the routed columns are passed as their own contiguous tensor,
+because the kernel derives the row length from the tensor's last dimension.
+
+vLLM's kernel clamps NaN/inf probabilities to 0 ("to prevent duplicate expert IDs
+downstream"), which would turn a NaN input into finite weights; the reference's rule
+(NaN weights, ids 0..k-1) is restored after the call (``postprocess.apply_reference_rules``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import torch
 
 from kernmux.dispatch.outputs import empty_output
+from kernmux.kernels.moe_topk_softmax.postprocess import apply_reference_rules
 
 OP_NAME = "_moe_C::topk_softmax"
 # Extension modules that register the _moe_C namespace, newest layout last; importing
@@ -65,11 +71,15 @@ class CallPlan:
 
     passes_renormalize: bool
     none_args: tuple[str, ...] = ()  # optional tensors without a default: passed None
+    passes_padding: bool = False  # the schema has ``is_padding`` (vLLM >= PR #48979)
 
-    def kwargs(self, renormalize: bool) -> dict[str, Any]:
+    def kwargs(self, renormalize: bool, is_padding: Any = None) -> dict[str, Any]:
         if not self.passes_renormalize:
             return {}
-        return {"renormalize": bool(renormalize), **{name: None for name in self.none_args}}
+        out: dict[str, Any] = {"renormalize": bool(renormalize), **{name: None for name in self.none_args}}
+        if self.passes_padding:
+            out["is_padding"] = is_padding
+        return out
 
 
 def plan_from_schema(schema: Any) -> CallPlan:
@@ -87,13 +97,17 @@ def plan_from_schema(schema: Any) -> CallPlan:
     if rest[0].name != "renormalize":
         raise ValueError(f"{OP_NAME}: fifth argument is {rest[0].name!r}, expected 'renormalize': {schema}")
     none_args = []
+    passes_padding = False
     for arg in rest[1:]:
+        if arg.name == "is_padding" and arg.type.kind() == "OptionalType":
+            passes_padding = True
+            continue
         if arg.has_default_value():
             continue
         if arg.type.kind() != "OptionalType":
             raise ValueError(f"{OP_NAME}: required argument {arg.name!r} unknown to this adapter: {schema}")
         none_args.append(arg.name)
-    return CallPlan(passes_renormalize=True, none_args=tuple(none_args))
+    return CallPlan(passes_renormalize=True, none_args=tuple(none_args), passes_padding=passes_padding)
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,6 +128,7 @@ def moe_topk_softmax(
     topk: int,
     renormalize: bool = False,
     num_shared: int = 0,
+    is_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing through vLLM's op; same contract as the reference (``reference.py``)."""
     op, plan = load_op(), call_plan()
@@ -123,23 +138,19 @@ def moe_topk_softmax(
     routed_logits = gating_logits[:, :experts] if num_shared else gating_logits
     if not routed_logits.is_contiguous():
         routed_logits = routed_logits.contiguous()
-    if num_shared:
-        weights = torch.empty((tokens, topk), dtype=torch.float32, device=device)
-        ids = torch.empty((tokens, topk), dtype=torch.int32, device=device)
-    else:
-        weights = empty_output((tokens, topk), torch.float32, device)
-        ids = empty_output((tokens, topk), torch.int32, device)
+    weights = empty_output((tokens, topk + num_shared), torch.float32, device)
+    ids = empty_output((tokens, topk + num_shared), torch.int32, device)
+    # vLLM's op writes whole [T, k] rows: contiguous buffers of its own when there are shared slots.
+    routed_w = torch.empty((tokens, topk), dtype=torch.float32, device=device) if num_shared else weights
+    routed_ids = torch.empty((tokens, topk), dtype=torch.int32, device=device) if num_shared else ids
     token_expert_indices = torch.empty((tokens, topk), dtype=torch.int32, device=device)
-    op(weights, ids, token_expert_indices, routed_logits, **plan.kwargs(renormalize))
+    op(routed_w, routed_ids, token_expert_indices, routed_logits, **plan.kwargs(renormalize, is_padding))
     if renormalize and not plan.passes_renormalize:
-        weights.div_(weights.sum(dim=-1, keepdim=True))
-    if not num_shared:
-        return weights, ids
-
-    out_w = empty_output((tokens, topk + num_shared), torch.float32, device)
-    out_ids = empty_output((tokens, topk + num_shared), torch.int32, device)
-    out_w[:, :topk] = weights
-    out_ids[:, :topk] = ids
-    out_w[:, topk:] = torch.sigmoid(gating_logits[:, experts:].float())
-    out_ids[:, topk:] = torch.arange(experts, experts + num_shared, dtype=torch.int32, device=device)
-    return out_w, out_ids
+        routed_w.div_(routed_w.sum(dim=-1, keepdim=True))
+    if num_shared:
+        weights[:, :topk] = routed_w
+        ids[:, :topk] = routed_ids
+        weights[:, topk:] = torch.sigmoid(gating_logits[:, experts:].float())
+        ids[:, topk:] = torch.arange(experts, experts + num_shared, dtype=torch.int32, device=device)
+    apply_reference_rules(gating_logits, experts, topk, weights, ids, is_padding)
+    return weights, ids

@@ -2,7 +2,8 @@
 
 Kernels: ``torch`` (the fp32 reference), ``triton`` (split over the selected slots with an
 LSE combine; bf16 and fp8 KV), ``aiter`` (``aiter.mla.mla_decode_fwd`` in persistent mode
-with ``return_lse``; unverified on AMD hardware here). Semantics, argument shapes and the
+with ``return_lse``; unverified on AMD hardware here). Every kernel checks index
+ranges first under ``KERNMUX_CHECK_VALUES=1`` (``checks.py``). Semantics, argument shapes and the
 fp8 byte layout: ``reference.py`` and ``fp8.py``.
 """
 
@@ -37,6 +38,7 @@ def aiter_supports(feats: Mapping[str, Any], platform: Platform) -> Support:
         return unsupported(f"inputs on {feats['device']}, AITER needs a ROCm GPU")
     if platform.arch not in AITER_ARCHS:
         return unsupported(f"arch {platform.arch}: mla_decode_fwd persistent fp8 kernels exist for {'/'.join(AITER_ARCHS)}")
+    # (gfx942 with LSE from v0.1.12: denied by rule aiter-mla-gfx942-no-lse-kernel.)
     if feats["d_v"] != 512 or feats["d_qk"] not in (512, 576):
         return unsupported(f"d_qk={feats['d_qk']}, d_v={feats['d_v']}: the ASM kernels take d_v 512 with d_qk 576 or 512")
     if feats["heads"] % 16:
@@ -89,6 +91,8 @@ register_kernel(
     vendors=("rocm",),
     supports=aiter_supports,
     probe=aiter_probe,
-    priority=30,
+    # Below triton like every adapter never run here (on ROCm triton is unavailable, so
+    # AITER still wins over the torch reference there).
+    priority=10,
     doc="aiter.mla.mla_decode_fwd, persistent mode, return_lse, fp8 q/kv; scopes merged and sink applied here (unverified on AMD)",
 )

@@ -117,3 +117,48 @@ def build_inputs(
 def make_inputs(feats: Mapping[str, Any], device: Any, seed: int) -> tuple[tuple, dict]:
     """The op's ``make_inputs``: random problems with invalid entries and empty queries."""
     return build_inputs(feats, device, seed, invalid=True)
+
+
+def make_nonfinite_inputs(feats: Mapping[str, Any], device: Any, seed: int) -> tuple[tuple, dict]:
+    """:func:`make_inputs` with NaN planted where the reference defines the result: in one
+    head of q of a query that has valid slots, in a valid selected row of another query
+    (a latent value; fp8: the fp32 scale of its first tile), in the rope part of a third
+    query's row (when d_qk > d_v), and in the last head's sink. Every other row stays
+    finite. (A NaN fp8 latent byte is not drawn here: Triton's interpreter decodes e4m3fn
+    0x7F as 480, so only the GPU can check it; tests/kernels/test_gpu_paths.py does.)"""
+    args, kwargs = build_inputs(feats, device, seed, invalid=True)
+    q, cache, indices = args[0].clone(), args[1].clone(), args[2]
+    batch, s_q, heads, d_qk = q.shape
+    d_v = args[4]
+    flat = indices.reshape(batch * s_q, -1).cpu()
+    with_slots = [i for i in range(flat.shape[0]) if bool((flat[i] >= 0).any())]
+    block_size = cache.shape[1]
+    fp8 = cache.dtype == torch.uint8
+
+    nan32 = torch.tensor([float("nan")], dtype=torch.float32).view(torch.uint8).to(cache.device)
+    nan16 = torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.uint8).to(cache.device)
+
+    def poison_row(query: int, column: int) -> None:
+        slot = int(flat[query][flat[query] >= 0][0])
+        row = cache[slot // block_size, slot % block_size]
+        if not fp8:
+            row[column] = float("nan")
+        elif column < d_v:  # the scale of the latent tile holding the column
+            at = d_v + 4 * (column // 128)
+            row[at : at + 4] = nan32
+        else:  # a bf16 rope value
+            at = d_v + 4 * (d_v // 128) + 2 * (column - d_v)
+            row[at : at + 2] = nan16
+
+    qf = q.view(batch * s_q, heads, d_qk)
+    if with_slots:
+        qf[with_slots[0], 0, 5] = float("nan")
+    if len(with_slots) > 1:
+        poison_row(with_slots[1], 3)
+    if len(with_slots) > 2 and d_qk > d_v:
+        poison_row(with_slots[2], d_v + 1)
+    sink = kwargs["attn_sink"]
+    if sink is not None and heads > 1:
+        sink = sink.clone()
+        sink[-1] = float("nan")
+    return (q, cache, indices, *args[3:]), {**kwargs, "attn_sink": sink}

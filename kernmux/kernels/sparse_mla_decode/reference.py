@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from kernmux.kernels.sparse_mla_decode.checks import maybe_check_values
 from kernmux.kernels.sparse_mla_decode.fp8 import dequantize_rows
 
 
@@ -49,7 +50,17 @@ def sparse_mla_decode(
     Returns:
         o: ``[B, s_q, h_q, d_v]`` bf16; lse: ``[B, s_q, h_q]`` fp32 (natural log).
         A query with no valid index in any scope gets ``o = 0`` and ``lse = +inf``.
+
+    Non-finite inputs (NaN in, NaN out; what the fp32 arithmetic above gives):
+        - a NaN in ``q[b, s, h]`` makes ``o`` and ``lse`` of that (query, head) NaN;
+        - a NaN anywhere in a valid selected row of query ``(b, s)`` (its K columns, which
+          hold V) makes ``o`` and ``lse`` NaN for every head of that query;
+        - a NaN ``attn_sink[h]`` makes ``o`` NaN on head h (``lse`` excludes the sink);
+        - NaN in slots that are not selected, or selected through a negative index, has
+          no effect; a query with no valid slot keeps ``o = 0``, ``lse = +inf``.
+        No kernel may report such a row as finite or as "no valid slot".
     """
+    maybe_check_values(q, kv_cache, indices, sm_scale, d_v, extra_kv_cache, extra_indices, attn_sink)
     batch, s_q, h_q, d_qk = q.shape
     kv, invalid = _gather(kv_cache, indices, d_qk, d_v)
     if extra_kv_cache is not None and extra_indices is not None:

@@ -9,9 +9,10 @@ import torch
 
 from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.registry import FeatureSpec, HeadAxes, Roofline
+from kernmux.kernels.sparse_mla_decode.checks import check_values  # noqa: F401 - part of the spec
 from kernmux.kernels.sparse_mla_decode.compare import compare  # noqa: F401 - part of the spec
 from kernmux.kernels.sparse_mla_decode.fp8 import TILE, fp8_row_bytes
-from kernmux.kernels.sparse_mla_decode.inputs import make_inputs  # noqa: F401 - part of the spec
+from kernmux.kernels.sparse_mla_decode.inputs import make_inputs, make_nonfinite_inputs  # noqa: F401 - part of the spec
 from kernmux.kernels.sparse_mla_decode.reference import sparse_mla_decode as reference  # noqa: F401 - part of the spec
 
 OP_NAME = "sparse_mla_decode"
@@ -69,6 +70,8 @@ def _expect(cond: bool, what: str, expected: str, got: Any, exc: type[Exception]
 def _check_cache(name: str, cache: torch.Tensor, d_qk: int, d_v: int, device: torch.device) -> None:
     _expect(isinstance(cache, torch.Tensor), name, "a Tensor", type(cache).__name__, TypeError)
     _expect(cache.dim() == 3, f"{name} rank", "[num_blocks, block_size, row] (3-D)", tuple(cache.shape))
+    _expect(cache.shape[0] >= 1 and cache.shape[1] >= 1, f"{name} shape",
+            "at least one block of at least one slot (an empty cache has nothing to attend to)", tuple(cache.shape))
     _expect(cache.device == device, f"{name} device", str(device), cache.device)
     _expect(cache.stride(-1) == 1, f"{name} last stride", "1 (rows contiguous)", cache.stride())
     if cache.dtype == torch.uint8:
@@ -103,6 +106,7 @@ def validate(
     _expect(isinstance(q, torch.Tensor), "q", "a Tensor", type(q).__name__, TypeError)
     _expect(q.dim() == 4, "q shape", "[B, s_q, h_q, d_qk]", tuple(q.shape))
     _expect(q.dtype == torch.bfloat16, "q dtype", "bfloat16", q.dtype, TypeError)
+    _expect(min(q.shape) >= 1, "q shape", "[B, s_q, h_q, d_qk] with no empty dimension", tuple(q.shape))
     batch, s_q, h_q, d_qk = q.shape
     _expect(isinstance(d_v, int) and 0 < d_v <= d_qk, "d_v", f"an int in 1..d_qk={d_qk}", d_v)
     _expect(isinstance(sm_scale, (int, float)), "sm_scale", "a float", type(sm_scale).__name__, TypeError)

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from kernmux.dispatch.outputs import empty_output
-from kernmux.kernels.sparse_mla_decode.triton_common import _dot, _finish_row, _softmax_step
+from kernmux.kernels.sparse_mla_decode.checks import maybe_check_values
+from kernmux.kernels.sparse_mla_decode.triton_common import _abs_max, _dot, _finish_row, _normaliser, _softmax_step
 from kernmux.kernels.sparse_mla_decode.triton_wide import _sparse_mla_decode_wide_kernel
 from kernmux.kernels.sparse_mla_decode.config import (
     DEFAULT_CONFIG,
@@ -198,8 +199,8 @@ def _sparse_mla_decode_kernel(
     if IS_FP8 and FP8_MODE == 2:
         # fp16 operands: bring the largest |q| of this program to <= 2^14 by a power of
         # two (exact), so q cannot overflow fp16; S is scaled back after the dots.
-        q_max = tl.maximum(tl.maximum(tl.max(tl.abs(q0.to(tl.float32))), tl.max(tl.abs(q1.to(tl.float32)))),
-                           tl.maximum(tl.max(tl.abs(q2.to(tl.float32))), tl.max(tl.abs(q3.to(tl.float32)))))
+        q_max = tl.maximum(tl.maximum(_abs_max(q0.to(tl.float32)), _abs_max(q1.to(tl.float32))),
+                           tl.maximum(_abs_max(q2.to(tl.float32)), _abs_max(q3.to(tl.float32))))
         shift = tl.minimum(14.0 - tl.ceil(tl.log2(tl.maximum(q_max, 1e-30))), 0.0)
         q_scale = tl.exp2(shift)
         q_unscale = tl.exp2(-shift)
@@ -234,10 +235,8 @@ def _sparse_mla_decode_kernel(
             IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST, FP8_MODE, PE_TILE, SPLIT_S,
         )
 
-    # l = 0: no valid slot in this share (or at all); the max() only keeps 1/0 and log(0)
-    # out of the arithmetic, the where() decides.
-    inv_l = tl.where(l_i > 0.0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
-    lse2 = tl.where(l_i > 0.0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+    # l = 0: no valid slot in this share (or at all); NaN l: a NaN score, kept NaN.
+    inv_l, lse2 = _normaliser(m_i, l_i)
     row = pid_q.to(tl.int64) * heads + offs_h  # (query, head) row of o / lse
     if FINAL:
         out_ptr = o_ptr + row[:, None] * D_V + offs_t[None, :]
@@ -286,8 +285,8 @@ def _combine_kernel(
         den = den * alpha + w
         acc = acc * alpha[:, None] + o_s * w[:, None]
         m = m_new
-    lse2 = tl.where(den > 0.0, m + tl.log2(tl.maximum(den, 1e-30)), float("-inf"))
-    o = acc * tl.where(den > 0.0, 1.0 / tl.maximum(den, 1e-30), 0.0)[:, None]
+    inv_den, lse2 = _normaliser(m, den)
+    o = acc * inv_den[:, None]
     o, lse = _finish_row(o, lse2, sink_ptr, offs_h, h_mask, HAS_SINK)
     row = pid_q.to(tl.int64) * heads + offs_h
     tl.store(o_ptr + row[:, None] * D_V + offs_d[None, :], o.to(tl.bfloat16), mask=h_mask[:, None])
@@ -351,6 +350,7 @@ def sparse_mla_decode_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``reference.sparse_mla_decode``; d_v % 4 == 0 with d_v / 4 a power
     of two (fp8: d_v = 512), d_qk - d_v zero or a power of two >= 16."""
+    maybe_check_values(q, kv_cache, indices, sm_scale, d_v, extra_kv_cache, extra_indices, attn_sink)
     batch, s_q, heads, d_qk = q.shape
     d_pe = d_qk - d_v
     is_fp8 = kv_cache.dtype == torch.uint8

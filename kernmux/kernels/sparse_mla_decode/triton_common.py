@@ -1,6 +1,7 @@
 """Triton helpers shared by the two sparse MLA decode bodies (``triton.py``: four column
 tiles; ``triton_wide.py``: one tile): the MMA with its interpreter upcast, one
-online-softmax step, and the per-row finish (sink, empty rows)."""
+online-softmax step, the normaliser (NaN-preserving) and the per-row finish (sink,
+empty rows)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,25 @@ def _softmax_step(s, m_i, l_i):
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     return m_new, alpha, p, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _normaliser(m_i, l_i):
+    """(1 / l, base-2 lse) of an online softmax with running max m and sum l. l = 0 (no
+    valid slot) gives (0, -inf); a NaN l (a NaN score: NaN in q or in a selected row)
+    gives NaN for both, so a NaN row is never taken for "no valid slot"."""
+    empty = l_i == 0.0
+    safe = tl.where(empty, 1.0, l_i)
+    inv_l = tl.where(empty, 0.0, 1.0 / safe)
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(safe))
+    return inv_l, lse2
+
+
+@triton.jit
+def _abs_max(x):
+    """max |x| over a tile, NaN entries ignored (a NaN in one head must not spread to the
+    scale of the others; it reaches its own row through the dot)."""
+    return tl.max(tl.where(x == x, tl.abs(x), 0.0))
 
 
 @triton.jit

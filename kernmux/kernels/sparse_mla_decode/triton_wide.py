@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernmux.kernels.sparse_mla_decode.triton_common import _dot, _finish_row, _softmax_step
+from kernmux.kernels.sparse_mla_decode.triton_common import _dot, _finish_row, _normaliser, _softmax_step
 
 @triton.jit
 def _load_rows(row_ptr, valid, N: tl.constexpr, D_V: tl.constexpr, IS_FP8: tl.constexpr):
@@ -128,8 +128,7 @@ def _sparse_mla_decode_wide_kernel(
             IS_FP8, D_V, D_PE, PE_OFF, N_BLOCK, UPCAST,
         )
 
-    inv_l = tl.where(l_i > 0.0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
-    lse2 = tl.where(l_i > 0.0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+    inv_l, lse2 = _normaliser(m_i, l_i)  # NaN l (a NaN score) stays NaN, never "empty"
     row = pid_q.to(tl.int64) * heads + offs_h
     if FINAL:
         o, lse = _finish_row(acc * inv_l[:, None], lse2, sink_ptr, offs_h, h_mask, HAS_SINK)

@@ -11,6 +11,14 @@ Emulates the two call forms documented in notes/aiter.md and ROCm/aiter
   topk_weights is [T, k+S] and gets the shared sigmoid weights, ids only for the routed
   slots; num_shared_experts must be one of 1, 2, 4, 8 and the scoring "sigmoid".
 
+With ``strided_workspace=False`` (every tag up to v0.1.19) the workspace path (expert
+counts that are not a power of two, or above ``single_kernel_max``) reproduces the
+stride bug of ``moeSoftmax``/``moeTopK``: gating rows are read at ``row * E`` (E the
+routed count) and weights/ids written at ``row * k`` from the start of each tensor,
+whatever their strides (fixed by commit 0cad1d3a95, first tagged v0.1.19.post1).
+With ``nan_to_zero=True`` NaN/inf probabilities count as 0, as vLLM's kernel does
+(AITER's own NaN behaviour is undocumented): the adapter must restore the NaN rule.
+
 Every call is recorded (argument count, shapes, strides) so tests can check how the
 adapter built it. The math is an independent torch implementation of the routing.
 """
@@ -23,8 +31,10 @@ from typing import Any
 import torch
 
 
-def _route(gating: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _route(gating: torch.Tensor, k: int, renorm: bool, nan_to_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(gating.float(), dim=-1)
+    if nan_to_zero:
+        probs = torch.where(torch.isfinite(probs), probs, torch.zeros_like(probs))
     values, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
     values, ids = values[:, :k], ids[:, :k]
     if renorm:
@@ -32,7 +42,9 @@ def _route(gating: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, to
     return values, ids.to(torch.int32)
 
 
-def make_module(max_args: int) -> types.ModuleType:
+def make_module(
+    max_args: int, *, strided_workspace: bool = True, single_kernel_max: int = 512, nan_to_zero: bool = False
+) -> types.ModuleType:
     """A module named ``aiter`` whose topk_softmax accepts at most ``max_args`` arguments."""
     module = types.ModuleType("aiter")
     module.calls: list[dict[str, Any]] = []
@@ -67,9 +79,19 @@ def make_module(max_args: int) -> types.ModuleType:
                 raise RuntimeError(f"Unsupported shared expert scoring function: {scoring}")
         if weights.shape != (gating.shape[0], k + num_shared):
             raise RuntimeError(f"topk_weights shape {tuple(weights.shape)} != {(gating.shape[0], k + num_shared)}")
-        values, ids = _route(gating[:, :experts], k, bool(need_renorm))
-        weights[:, :k] = values
-        indices.copy_(ids)
+        tokens = gating.shape[0]
+        workspace = experts > single_kernel_max or experts & (experts - 1) != 0
+        module.calls[-1]["workspace"] = workspace
+        if workspace and not strided_workspace:
+            # Row offsets computed as if every tensor were a dense [T, E] / [T, k] block.
+            dense_in = torch.as_strided(gating, (tokens, experts), (experts, 1))
+            values, ids = _route(dense_in, k, bool(need_renorm), nan_to_zero)
+            torch.as_strided(weights, (tokens, k), (k, 1)).copy_(values)
+            torch.as_strided(indices, (tokens, k), (k, 1)).copy_(ids)
+        else:
+            values, ids = _route(gating[:, :experts], k, bool(need_renorm), nan_to_zero)
+            weights[:, :k] = values
+            indices.copy_(ids)
         token_expert_indices.copy_(
             torch.arange(k, dtype=torch.int32).unsqueeze(0) * gating.shape[0]
             + torch.arange(gating.shape[0], dtype=torch.int32).unsqueeze(1)

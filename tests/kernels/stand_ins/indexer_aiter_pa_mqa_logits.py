@@ -6,9 +6,12 @@ grid (including the ``heads // ChunkQ`` ZeroDivisionError of ROCm/aiter#2563 and
 ``heads % ChunkQ`` assertion), which positions they write (only chunks covering each
 context; the rest keeps what the caller put there), and that stage1 stores whole
 ``ChunkK`` chunks without a bound check (modelled as an IndexError instead of a silent
-out-of-row write). Two flavours: ``main`` (AITER 0.1.8+: ChunkQ/ChunkK arguments,
-page-fused cache with any page size) and ``v017`` (0.1.7: no ChunkQ argument,
-ChunkQ fixed at 32, one token per page). Every call is recorded in ``CALLS``.
+out-of-row write). Two flavours: ``main`` (v0.1.7.post3+: ChunkQ/ChunkK arguments;
+stage1 takes page-fused caches of any page size only with ``paged_stage1=True``, v0.1.20+,
+commit 8abb3607e9) and ``v017`` (v0.1.7-v0.1.7.post2: no ChunkQ argument, ChunkQ fixed
+at 32, one token per page). relu is ``max(x, 0)`` as the GPU computes AITER's
+``tl.maximum(o, 0.0)``: a NaN score becomes 0 (``relu_keeps_nan=True`` for torch's relu).
+Every call is recorded in ``CALLS``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def _unpack(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.
     return values, scales, block
 
 
-def _per_head(q, values, scales, weights, ctx, b, n, next_n, kv_row, block, end):
+def _per_head(q, values, scales, weights, ctx, b, n, next_n, kv_row, block, end, relu_keeps_nan=False):
     """[H, end] weighted relu scores of query (b, n) for positions [0, end), -inf past
     the causal limit; loads past the context are masked to zero as in AITER."""
     pos = torch.arange(end)
@@ -43,16 +46,19 @@ def _per_head(q, values, scales, weights, ctx, b, n, next_n, kv_row, block, end)
     k = torch.where(in_ctx[:, None], values[page, slot].float(), 0.0)
     s = scales[page, slot]
     o = (q[b, n].float() @ k.T) * s[None, :]
-    o = o.relu() * weights[b * next_n + n][:, None]
+    o = o.relu() if relu_keeps_nan else torch.where(o > 0, o, 0.0)
+    o = o * weights[b * next_n + n][:, None]
     return torch.where(pos[None, :] <= ctx - next_n + n, o, float("-inf"))
 
 
-def make_module(flavour: str = "main") -> types.ModuleType:
+def make_module(flavour: str = "main", *, paged_stage1: bool = True, relu_keeps_nan: bool = False) -> types.ModuleType:
     module = types.ModuleType("aiter.ops.triton.attention.pa_mqa_logits")
     module.CALLS = []
 
     def stage1_main(q_fp8, kv_cache_fp8, weights, out_qk, context_lens, kv_indices, max_model_len, ChunkQ=64, ChunkK=256, TotalCuCount=None, WavePerEU=2):
         module.CALLS.append(("stage1", dict(ChunkQ=ChunkQ, ChunkK=ChunkK)))
+        if not paged_stage1:
+            assert kv_cache_fp8.shape[1] == 1, "stage1 before v0.1.20 slices kv[..., :D]: one token per page"
         return _stage1(q_fp8, kv_cache_fp8, weights, out_qk, context_lens, kv_indices, ChunkQ, ChunkK, WavePerEU)
 
     def stage1_v017(q_fp8, kv_cache_fp8, weights, out_qk, context_lens, kv_indices, max_model_len):
@@ -73,7 +79,7 @@ def make_module(flavour: str = "main") -> types.ModuleType:
             if end > out_qk.shape[2]:
                 raise IndexError(f"stage1 stores whole chunks: position {end - 1} is past the buffer row of {out_qk.shape[2]}")
             for n in range(next_n):
-                out_qk[:, b * next_n + n, :end] = _per_head(q_fp8, values, scales, weights, ctx, b, n, next_n, kv_indices[b], block, end)
+                out_qk[:, b * next_n + n, :end] = _per_head(q_fp8, values, scales, weights, ctx, b, n, next_n, kv_indices[b], block, end, relu_keeps_nan)
 
     def fused(q_fp8, kv_cache, weights, out_logits, context_lens, kv_indices, max_model_len, Preshuffle=False, KVBlockSize=1, ChunkK=256, TotalCuCount=None, WavePerEU=2, **_):
         module.CALLS.append(("fused", dict(Preshuffle=Preshuffle, KVBlockSize=KVBlockSize, ChunkK=ChunkK)))
@@ -88,7 +94,7 @@ def make_module(flavour: str = "main") -> types.ModuleType:
             ctx = int(context_lens[b])
             end = min(-(-ctx // ChunkK) * ChunkK, max_model_len)
             for n in range(next_n):
-                o = _per_head(q_fp8, values, scales, weights, ctx, b, n, next_n, kv_indices[b], block, end)
+                o = _per_head(q_fp8, values, scales, weights, ctx, b, n, next_n, kv_indices[b], block, end, relu_keeps_nan)
                 out_logits[b * next_n + n, :end] = o.sum(dim=0)
 
     module.deepgemm_fp8_paged_mqa_logits_stage1 = stage1_v017 if flavour == "v017" else stage1_main

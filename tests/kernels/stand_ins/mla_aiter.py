@@ -1,6 +1,6 @@
 """Test-only stand-in for the parts of AITER the sparse MLA decode adapter calls (no ROCm here).
 
-It keeps the signatures of amd-aiter >= 0.1.10.post3 (read from aiter/mla.py and
+It keeps the signatures of amd-aiter >= 0.1.10.post2 (read from aiter/mla.py and
 aiter/ops/attention.py) and models, in PyTorch, what the persistent sparse path does with
 its arguments:
 
@@ -14,7 +14,11 @@ its arguments:
   valid count matches ``kv_indptr``; it computes attention in fp32 from the dequantised fp8
   operands, writes ``o`` in place and returns ``(o, lse)`` (natural log). Rows with no valid
   entry get NaN (what AITER returns there is not documented). With ``h64_inf_lse=True``
-  a 64-head call returns +inf LSE on some rows, as the gfx950 ``qh64_qseqlen4`` kernel does.
+  a 64-head call returns +inf LSE on some rows, as the gfx950 ``qh64_qseqlen4`` kernel does
+  (v0.1.12 only). ``fp8`` is the arch's ``dtypes.fp8`` (e4m3fnuz on gfx942): q, kv and the
+  metadata dtypes must be that type. With ``nan_as_empty=True`` a row whose scores hold a
+  NaN comes back as o = 0, lse = +inf (what a max that skips NaN makes of it), so the
+  adapter's NaN rule is what the tests see.
 
 Every call is recorded in ``module.CALLS``.
 """
@@ -28,8 +32,11 @@ import torch
 FP8 = torch.float8_e4m3fn
 
 
-def make_modules(*, min_heads: int = 16, h64_inf_lse: bool = False, return_lse: bool = True) -> tuple[types.ModuleType, types.ModuleType]:
-    """(aiter, aiter.mla) stand-ins. ``return_lse=False`` models amd-aiter < 0.1.9.post1."""
+def make_modules(
+    *, min_heads: int = 16, h64_inf_lse: bool = False, return_lse: bool = True, fp8: torch.dtype = FP8,
+    nan_as_empty: bool = False,
+) -> tuple[types.ModuleType, types.ModuleType]:
+    """(aiter, aiter.mla) stand-ins. ``return_lse=False`` models amd-aiter < 0.1.9."""
     aiter = types.ModuleType("aiter")
     mla = types.ModuleType("aiter.mla")
     aiter.mla = mla
@@ -39,6 +46,7 @@ def make_modules(*, min_heads: int = 16, h64_inf_lse: bool = False, return_lse: 
     def get_mla_metadata_info_v1(batch_size, max_seqlen_qo, num_head_qo, q_dtype, kv_dtype, is_sparse, fast_mode=True, num_kv_splits=32, intra_batch_mode=False):
         aiter.CALLS.append(("info", dict(batch_size=batch_size, max_seqlen_qo=max_seqlen_qo, num_head_qo=num_head_qo, q_dtype=q_dtype, kv_dtype=kv_dtype, is_sparse=is_sparse, num_kv_splits=num_kv_splits)))
         assert num_head_qo % min_heads == 0, f"num_head_qo % {min_heads} == 0"
+        assert q_dtype == fp8 and kv_dtype == fp8, f"dtypes.fp8 of this arch is {fp8}, got {q_dtype}/{kv_dtype}"
         cu_num, tiles = 256, batch_size
         max_work = tiles * cu_num
         return (
@@ -65,6 +73,7 @@ def make_modules(*, min_heads: int = 16, h64_inf_lse: bool = False, return_lse: 
         assert work_indptr.dim() == 1 and work_indptr.dtype == torch.int32, "work_indptr"
         assert reduce_final_map.dim() == 2 and reduce_final_map.shape[1] == 2, "reduce_final_map"
         assert num_heads_k == 1 and topk > 0 and page_size == 1
+        assert dtype_q == fp8 and dtype_kv == fp8, f"dtypes.fp8 of this arch is {fp8}"
         plans[work_metadata_ptrs.data_ptr()] = seqlens_kv_indptr.clone()
 
     def mla_decode_fwd(
@@ -81,7 +90,7 @@ def make_modules(*, min_heads: int = 16, h64_inf_lse: bool = False, return_lse: 
         assert work_meta_data is not None, "the sparse path runs in persistent mode"
         plan = plans.get(work_meta_data.data_ptr())
         assert plan is not None and torch.equal(plan, kv_indptr), "stale or missing work plan for this kv_indptr"
-        assert q.dtype == FP8 and kv_buffer.dtype == FP8, "fp8 q / fp8 kv"
+        assert q.dtype == fp8 and kv_buffer.dtype == fp8, f"fp8 q / fp8 kv in {fp8}"
         assert q_scale is not None and kv_scale is not None, "fp8 q needs q_scale and kv_scale"
         assert q.is_contiguous(), "Q contiguous"
         assert kv_buffer.dim() == 4 and kv_buffer.shape[1] == page_size == 1 and kv_buffer.shape[2] == nhead_kv == 1
@@ -106,6 +115,10 @@ def make_modules(*, min_heads: int = 16, h64_inf_lse: bool = False, return_lse: 
         empty = counts == 0
         out[empty] = float("nan")
         lse[empty] = float("nan")
+        if nan_as_empty:
+            hidden = torch.isnan(lse) & ~empty.view(total_q, 1)
+            out[hidden] = 0.0
+            lse[hidden] = float("inf")
         if h64_inf_lse and heads == 64:
             lse[:, 1::7] = float("inf")
         o.copy_(out.to(o.dtype))
