@@ -81,6 +81,12 @@ def _grouped_mm_probe(platform: Platform) -> Support:
 
 
 def _grouped_mm_supports(features: Mapping[str, Any], platform: Platform) -> Support:
+    # check_valid_strides_and_return_transposed: every operand row stride (H, 2I, I
+    # elements) a multiple of 16 bytes, on every device.
+    elem = 4 if features["dtype"] == "fp32" else 2
+    for name in ("hidden", "inter"):
+        if features[name] * elem % 16:
+            return unsupported(f"{name}={features[name]}: torch._grouped_mm needs row strides of a multiple of 16 bytes")
     if features["device"] == "cpu":
         return SUPPORTED  # PyTorch's fallback (a loop of mm): right, and the only CPU path
     if platform.vendor != "cuda" or platform.arch not in GROUPED_MM_ARCHES:
@@ -90,9 +96,6 @@ def _grouped_mm_supports(features: Mapping[str, Any], platform: Platform) -> Sup
         )
     if features["dtype"] != "bf16":
         return unsupported(f"torch._grouped_mm's CUTLASS path takes bf16 only, got {features['dtype']}")
-    for name in ("hidden", "inter"):
-        if features[name] % 8:
-            return unsupported(f"{name}={features[name]}: row strides must be multiples of 16 bytes (8 bf16)")
     return SUPPORTED
 
 

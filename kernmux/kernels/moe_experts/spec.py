@@ -225,6 +225,8 @@ def _randn(shape: tuple[int, ...], std: float, dtype: torch.dtype, gen: torch.Ge
     """N(0, std^2) drawn in ``dtype`` on ``device`` slab by slab (no fp32 copy of a
     multi-GB weight tensor)."""
     out = torch.empty(shape, dtype=dtype, device=device)
+    if out.numel() == 0:
+        return out
     flat = out.view(shape[0], -1)
     rows = max(1, (1 << 26) // max(1, flat.shape[1]))
     for start in range(0, shape[0], rows):
