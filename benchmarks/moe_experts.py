@@ -51,6 +51,7 @@ from kernmux.dispatch.verify import verify_kernel  # noqa: E402
 from kernmux.kernels.moe_experts import OP  # noqa: E402  (registers the op)
 from kernmux.kernels.moe_experts import spec  # noqa: E402
 from kernmux.kernels.moe_experts.reference import moe_experts as reference  # noqa: E402
+from kernmux.kernels.moe_experts.triton_config import config_valid  # noqa: E402
 from kernmux.tuning_db.timing import environment_row, measure  # noqa: E402
 
 MODELS = {
@@ -73,30 +74,48 @@ GRAPH_MAX_TOKENS = 64
 ROUTINGS = 8
 CHECK_TOKENS = 64
 TORCH_MAX_TOKENS = 16  # the reference loops in Python over experts: timed at decode sizes only
+# --explore: Triton configs timed beside the heuristic's (fused strategy), at these
+# token counts; each checked against the reference like every timed call.
+EXPLORE_TOKENS = (1, 16, 4096, 16384)
+EXPLORE_DECODE = [
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=5),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=5),
+]
+EXPLORE_PREFILL = [
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+]
 
 
 # --------------------------------------------------------------------- ceilings
 
 
+def _copy_tbs(device: str):
+    src = torch.empty(1 << 30, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    timing = measure(lambda: dst.copy_(src), device=device, warmup_ms=20, rep_ms=200, flush_l2=False)
+    return 2 * (1 << 31) / (timing.p50_us * 1e6), timing
+
+
+def _matmul_tflops(device: str):
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    timing = measure(lambda: a @ b, device=device, warmup_ms=50, rep_ms=300, flush_l2=False)
+    return 2 * 8192**3 / (timing.p50_us * 1e6), timing
+
+
 def measure_ceilings(device: str) -> dict:
     """Copy bandwidth (bytes read + written) of a 2 GiB device-to-device copy and the
     rate of a bf16 8192^3 matmul, measured now on this GPU."""
-    src = torch.empty(1 << 30, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    copy = measure(lambda: dst.copy_(src), device=device, warmup_ms=20, rep_ms=200, flush_l2=False)
-    del src, dst
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-    mm = measure(lambda: a @ b, device=device, warmup_ms=50, rep_ms=300, flush_l2=False)
-    del a, b
+    copy_tbs, copy = _copy_tbs(device)
+    tflops, mm = _matmul_tflops(device)
     torch.cuda.empty_cache()
-    return {
-        "kind": "ceiling",
-        "copy_tbs": 2 * (1 << 31) / (copy.p50_us * 1e6),
-        "bf16_tflops": 2 * 8192**3 / (mm.p50_us * 1e6),
-        "copy_timing": copy.as_dict(),
-        "matmul_timing": mm.as_dict(),
-    }
+    return {"kind": "ceiling", "copy_tbs": copy_tbs, "bf16_tflops": tflops,
+            "copy_timing": copy.as_dict(), "matmul_timing": mm.as_dict()}
 
 
 # ----------------------------------------------------------------------- parity
@@ -149,60 +168,93 @@ def _config_of(kernel: str, feats: dict, device: str) -> dict:
                           feats["inter"], torch.bfloat16, torch.device(device))
 
 
+class _Run:
+    """What every timing of one run shares: device, repetition budget, ceilings, the
+    deadline, and the (model, kernel) pairs that failed their check (not timed again)."""
+
+    def __init__(self, device: str, smoke: bool, quick: bool, ceilings: dict | None, deadline: float, explore: bool):
+        self.device, self.smoke, self.ceilings, self.deadline, self.explore = device, smoke, ceilings, deadline, explore
+        self.timing = (dict(warmup_ms=0.0, rep_ms=0.0, min_reps=1, max_reps=1) if smoke
+                       else dict(warmup_ms=10.0, rep_ms=40.0 if quick else 100.0, min_reps=5))
+        self.failed: set[tuple[str, str]] = set()
+
+
+def _runs_for(run: _Run, feats: dict) -> list[tuple[str, dict | None, str]]:
+    """(kernel, config or None for its default, "default" | "explore") to time."""
+    runs = [(k, None, "default") for k in _kernels_for(feats)
+            if k != "torch" or feats["tokens"] <= TORCH_MAX_TOKENS]
+    if run.explore and feats["tokens"] in EXPLORE_TOKENS and any(k == "triton" for k, _, _ in runs):
+        heuristic = _config_of("triton", feats, run.device)
+        alternates = EXPLORE_DECODE if heuristic["BLOCK_M"] == 16 else EXPLORE_PREFILL
+        runs += [("triton", c, "explore") for c in alternates if c != heuristic and config_valid(c, feats)]
+    return runs
+
+
+def _time_tokens(run: _Run, model: str, shape: dict, tokens: int, w13, w2, kwargs: dict, gen) -> list[dict]:
+    """Every strategy at one token count, on one set of hidden states and 8 routings."""
+    device = run.device
+    feats = {**shape, "tokens": tokens, "dtype": "bf16", "device": device}
+    hidden = torch.randn(tokens, shape["hidden"], generator=gen, device=device).to(torch.bfloat16)
+    routings = [spec.make_routing(tokens, shape["experts"], shape["topk"], shape["shared"], gen, device)
+                for _ in range(1 if run.smoke else ROUTINGS)]
+    bytes_touched = _bytes_touched([ids for _, ids in routings], feats)
+    flops = 2.0 * tokens * (shape["topk"] + shape["shared"]) * 3 * shape["hidden"] * shape["inter"]
+    check = torch.randperm(tokens, generator=gen, device=device)[:CHECK_TOKENS].sort().values
+    weights0, ids0 = routings[0]
+    expected = reference(hidden[check], w13, w2, weights0[check], ids0[check], **kwargs)
+    base = {"kind": "timing", "model": model, "features": feats, "bytes_touched": bytes_touched, "flops": flops}
+    rows = []
+    for kernel, config, variant in _runs_for(run, feats):
+        row = {**base, "kernel": kernel, "variant": variant,
+               "config": dict(config) if config else _config_of(kernel, feats, device)}
+        if (model, kernel) in run.failed or time.time() > run.deadline:
+            rows.append({**row, "status": "skipped", "detail": "time budget" if time.time() > run.deadline else "parity failed"})
+            continue
+        fn = REGISTRY.kernels_of(OP.name)[kernel].bind(config)
+        try:
+            got = fn(hidden, w13, w2, weights0, ids0, **kwargs)
+            result = OP.compare(got[check], expected, {**feats, "tokens": int(check.numel())})
+            if not result.passed:
+                if variant == "default":
+                    run.failed.add((model, kernel))
+                rows.append({**row, "status": "numerics_failed", "metrics": dict(result.metrics), "detail": result.detail})
+                continue
+            calls = [lambda w=w, i=i: fn(hidden, w13, w2, w, i, **kwargs) for w, i in routings]
+            # The reference synchronises with the host (ids check, expert loop): events only.
+            graph = device == "cuda" and tokens <= GRAPH_MAX_TOKENS and kernel != "torch"
+            t = measure(calls, device=device, cuda_graph=graph, **run.timing)
+        except Exception as e:  # a failure is a result
+            rows.append({**row, "status": "error", "detail": f"{type(e).__name__}: {e}"[:500]})
+            continue
+        rates = {"tb_per_s": bytes_touched / (t.p50_us * 1e6), "tflops": flops / (t.p50_us * 1e6)}
+        if run.ceilings:
+            rates["frac_of_copy"] = rates["tb_per_s"] / run.ceilings["copy_tbs"]
+            rates["frac_of_bf16_peak"] = rates["tflops"] / run.ceilings["bf16_tflops"]
+        rows.append({**row, "status": "ok", **t.as_dict(), **rates})
+        label = kernel + ("*" if variant != "default" else "")
+        print(f"time {model:15} T={tokens:<6} {label:18} {t.p50_us:10.1f} us  {rates['tb_per_s']:.2f} TB/s  {rates['tflops']:.1f} TFLOP/s", flush=True)
+    return rows
+
+
+def _time_model(run: _Run, model: str, shape: dict, tokens_list: tuple) -> list[dict]:
+    """One model's weights (all E + S experts), every token count."""
+    gen = torch.Generator(device=run.device).manual_seed(zlib.crc32(model.encode()))
+    (_, w13, w2, _, _), kwargs = spec.make_inputs({**shape, "tokens": 0, "dtype": "bf16"}, run.device, gen.initial_seed())
+    rows = []
+    for tokens in tokens_list:
+        rows += _time_tokens(run, model, shape, tokens, w13, w2, kwargs, gen)
+    return rows
+
+
 def timing_rows(models: dict, tokens_list: tuple, device: str, smoke: bool, quick: bool,
-                ceilings: dict | None, deadline: float) -> tuple[list[dict], set]:
-    rows, skipped = [], set()
-    timing = (dict(warmup_ms=0.0, rep_ms=0.0, min_reps=1, max_reps=1) if smoke
-              else dict(warmup_ms=10.0, rep_ms=40.0 if quick else 100.0, min_reps=5))
-    parity_failed = set()
+                ceilings: dict | None, deadline: float, explore: bool = False) -> list[dict]:
+    run = _Run(device, smoke, quick, ceilings, deadline, explore)
+    rows = []
     for model, shape in models.items():
-        gen = torch.Generator(device=device).manual_seed(zlib.crc32(model.encode()))
-        (_, w13, w2, _, _), kwargs = spec.make_inputs({**shape, "tokens": 0, "dtype": "bf16"}, device, gen.initial_seed())
-        for tokens in tokens_list:
-            feats = {**shape, "tokens": tokens, "dtype": "bf16", "device": device}
-            hidden = torch.randn(tokens, shape["hidden"], generator=gen, device=device).to(torch.bfloat16)
-            routings = [spec.make_routing(tokens, shape["experts"], shape["topk"], shape["shared"], gen, device)
-                        for _ in range(1 if smoke else ROUTINGS)]
-            bytes_touched = _bytes_touched([ids for _, ids in routings], feats)
-            flops = 2.0 * tokens * (shape["topk"] + shape["shared"]) * 3 * shape["hidden"] * shape["inter"]
-            check = torch.randperm(tokens, generator=gen, device=device)[:CHECK_TOKENS].sort().values
-            weights0, ids0 = routings[0]
-            expected = reference(hidden[check], w13, w2, weights0[check], ids0[check], **kwargs)
-            base = {"kind": "timing", "model": model, "features": feats, "bytes_touched": bytes_touched, "flops": flops}
-            for kernel in _kernels_for(feats):
-                row = {**base, "kernel": kernel, "config": _config_of(kernel, feats, device)}
-                if kernel == "torch" and tokens > TORCH_MAX_TOKENS:
-                    continue
-                if (model, kernel) in parity_failed or time.time() > deadline:
-                    rows.append({**row, "status": "skipped", "detail": "time budget" if time.time() > deadline else "parity failed"})
-                    skipped.add((model, tokens, kernel))
-                    continue
-                fn = REGISTRY.kernels_of(OP.name)[kernel].bind(None)
-                try:
-                    got = fn(hidden, w13, w2, weights0, ids0, **kwargs)
-                    result = OP.compare(got[check], expected, {**feats, "tokens": int(check.numel())})
-                    if not result.passed:
-                        parity_failed.add((model, kernel))
-                        rows.append({**row, "status": "numerics_failed", "metrics": dict(result.metrics), "detail": result.detail})
-                        continue
-                    calls = [lambda w=w, i=i: fn(hidden, w13, w2, w, i, **kwargs) for w, i in routings]
-                    # The reference synchronises with the host (ids check, expert loop): events only.
-                    graph = device == "cuda" and tokens <= GRAPH_MAX_TOKENS and kernel != "torch"
-                    t = measure(calls, device=device, cuda_graph=graph, **timing)
-                except Exception as e:  # a failure is a result
-                    rows.append({**row, "status": "error", "detail": f"{type(e).__name__}: {e}"[:500]})
-                    continue
-                rates = {"tb_per_s": bytes_touched / (t.p50_us * 1e6), "tflops": flops / (t.p50_us * 1e6)}
-                if ceilings:
-                    rates["frac_of_copy"] = rates["tb_per_s"] / ceilings["copy_tbs"]
-                    rates["frac_of_bf16_peak"] = rates["tflops"] / ceilings["bf16_tflops"]
-                rows.append({**row, "status": "ok", **t.as_dict(), **rates})
-                print(f"time {model:15} T={tokens:<6} {kernel:18} {t.p50_us:10.1f} us  {rates['tb_per_s']:.2f} TB/s  {rates['tflops']:.1f} TFLOP/s", flush=True)
-            del hidden, routings, expected
-        del w13, w2
+        rows += _time_model(run, model, shape, tokens_list)
         if device == "cuda":
-            torch.cuda.empty_cache()
-    return rows, skipped
+            torch.cuda.empty_cache()  # the model's weights are gone with _time_model's frame
+    return rows
 
 
 # ---------------------------------------------------------------------- summary
@@ -221,7 +273,7 @@ def analyse(timings: list[dict]) -> dict:
     for model in models:
         table: dict[int, dict[str, float]] = {}
         for r in timings:
-            if r["model"] == model and r["status"] == "ok":
+            if r["model"] == model and r["status"] == "ok" and r.get("variant", "default") == "default":
                 table.setdefault(r["features"]["tokens"], {})[r["kernel"]] = r["p50_us"]
         contenders = [k for k in STRATEGIES if k != "torch" and all(k in table[t] for t in table)]
         best = {t: min((us, k) for k, us in row.items() if k != "torch") for t, row in table.items() if any(k != "torch" for k in row)}
@@ -271,7 +323,8 @@ def summary(env: dict, ceilings: dict | None, parity: list[dict], timings: list[
             row = a["table"][t]
             cells = [f"{row[k]:.1f}" if k in row else "-" for k in STRATEGIES]
             best_us, best_k = a["best"].get(t, (None, None))
-            rec = next((r for r in timings if r["model"] == model and r["features"]["tokens"] == t and r["kernel"] == best_k and r["status"] == "ok"), None)
+            rec = next((r for r in timings if r["model"] == model and r["features"]["tokens"] == t and r["kernel"] == best_k
+                        and r["status"] == "ok" and r.get("variant", "default") == "default"), None)
             bw = f"{rec['tb_per_s']:.2f} ({100 * rec['frac_of_copy']:.0f}%)" if rec and "frac_of_copy" in rec else (f"{rec['tb_per_s']:.3f}" if rec else "-")
             fl = f"{rec['tflops']:.0f} ({100 * rec['frac_of_bf16_peak']:.0f}%)" if rec and "frac_of_bf16_peak" in rec else (f"{rec['tflops']:.3f}" if rec else "-")
             ratio = a["vs_grouped_mm"].get(t)
@@ -285,7 +338,8 @@ def summary(env: dict, ceilings: dict | None, parity: list[dict], timings: list[
             lines.append("Crossovers: " + ("; ".join(f"{SHARED_STRATEGIES[k0]} -> {SHARED_STRATEGIES[k1]} between {t0} and {t1} tokens" for t0, t1, k0, k1 in a["crossovers"]) or "none in the sweep") + ".")
         lines.append("")
         # Goals of the issue, per model.
-        ours = {t: [r for r in timings if r["model"] == model and r["features"]["tokens"] == t and r["kernel"] in KERNMUX_STRATEGIES and r["status"] == "ok"] for t in a["table"]}
+        ours = {t: [r for r in timings if r["model"] == model and r["features"]["tokens"] == t and r["kernel"] in KERNMUX_STRATEGIES
+                    and r["status"] == "ok" and r.get("variant", "default") == "default"] for t in a["table"]}
         for t, rs in ours.items():
             if not rs or not ceilings:
                 continue
@@ -300,6 +354,19 @@ def summary(env: dict, ceilings: dict | None, parity: list[dict], timings: list[
                          + (f" (below at {', '.join(f'{t}: {v:.2f}x' for t, v in sorted(below.items()))})" if below else ""))
         if shape.get("shared") and a["best_static"]:
             goals.append(f"- {model}: per-bucket choice {100 * (a['gain'] - 1):.1f}% over the best static strategy ({'met' if a['gain'] >= 1.10 else 'MISSED'} >= 10%)")
+    explored = [r for r in timings if r.get("variant") == "explore" and r["status"] == "ok"]
+    if explored:
+        lines.append("## Triton configs beside the heuristic's (fused strategy; the tuner searches the full space)")
+        lines.append("")
+        lines.append("| model | tokens | heuristic µs | best explored µs | its config |")
+        lines.append("|---|---|---|---|---|")
+        for model, a in analysis.items():
+            for t in sorted(a["table"]):
+                alts = [r for r in explored if r["model"] == model and r["features"]["tokens"] == t]
+                if alts and "triton" in a["table"][t]:
+                    best_alt = min(alts, key=lambda r: r["p50_us"])
+                    lines.append(f"| {model} | {t} | {a['table'][t]['triton']:.1f} | {best_alt['p50_us']:.1f} | `{best_alt['config']}` |")
+        lines.append("")
     lines.append("## Goals (issue 14)")
     lines.extend(goals or ["- not measured"])
     problems = [r for r in timings if r["status"] != "ok"]
@@ -319,6 +386,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help=f"tokens {QUICK_TOKENS}, shorter repetitions")
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ", ".join(MODELS))
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new timings after this many seconds")
+    parser.add_argument("--explore", action="store_true", help=f"also time a few Triton configs around the heuristic at tokens {EXPLORE_TOKENS}")
     args = parser.parse_args()
     start = time.time()
     device = "cpu" if args.smoke else "cuda"
@@ -334,8 +402,8 @@ def main() -> int:
         print(f"ceilings: copy {ceilings['copy_tbs']:.2f} TB/s, bf16 {ceilings['bf16_tflops']:.0f} TFLOP/s", flush=True)
     parity = parity_rows(models, device, args.smoke)
     print(f"parity: {sum(r['passed'] for r in parity)}/{len(parity)} pass ({time.time() - start:.0f}s)", flush=True)
-    timings, _ = timing_rows(models, tokens, device, args.smoke, args.quick, ceilings, start + args.budget_s)
-    flags = [a for a in sys.argv[1:] if a in ("--smoke", "--quick")] + ([f"--models {args.models}"] if args.models else [])
+    timings = timing_rows(models, tokens, device, args.smoke, args.quick, ceilings, start + args.budget_s, args.explore)
+    flags = [a for a in sys.argv[1:] if a in ("--smoke", "--quick", "--explore")] + ([f"--models {args.models}"] if args.models else [])
     command = " ".join(["PYTHONPATH=. python3 benchmarks/moe_experts.py --out DIR", *flags])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
