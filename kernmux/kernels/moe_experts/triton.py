@@ -50,6 +50,17 @@ def units_of(device: torch.device) -> int:
     return _units(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=4096)
+def _heuristic(tokens: int, experts: int, topk: int, shared: int, hidden_size: int, inter: int,
+               dtype_name: str, units: int) -> tuple[tuple[str, Any], ...]:
+    feats = {"tokens": tokens, "experts": experts, "topk": topk, "shared": shared,
+             "hidden": hidden_size, "inter": inter, "dtype": dtype_name}
+    return tuple(heuristic_config(feats, units).items())
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def resolve_config(
     config: Mapping[str, Any] | None,
     tokens: int,
@@ -61,11 +72,10 @@ def resolve_config(
     dtype: torch.dtype,
     device: torch.device,
 ) -> dict[str, Any]:
-    """The heuristic default for this shape, overridden key by key by ``config``."""
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    feats = {"tokens": tokens, "experts": experts, "topk": topk, "shared": shared,
-             "hidden": hidden_size, "inter": inter, "dtype": name}
-    return {**heuristic_config(feats, units_of(device)), **(config or {})}
+    """The heuristic default for this shape (cached per shape), overridden key by key by
+    ``config``."""
+    default = _heuristic(tokens, experts, topk, shared, hidden_size, inter, _DTYPE_NAMES[dtype], units_of(device))
+    return {**dict(default), **(config or {})}
 
 
 def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
