@@ -20,7 +20,7 @@ a kernel failing parity on a model is not timed on it. Every timed call is also 
 with the reference on up to 64 of its tokens (the op is row-wise, so a token subset is
 an exact check of those rows).
 
-Timing: ``kernmux.tuning_db.timing.measure``; up to 64 tokens by CUDA-graph replay (20
+Timing: ``kernmux.tuning_db.measurement.timing.measure``; up to 64 tokens by CUDA-graph replay (20
 calls per graph), above by CUDA events with L2 flushed before each repetition; in both,
 calls rotate over 8 routings drawn afresh (softmax top-k of random logits), so replays
 do not find the previous call's experts in L2. Bytes touched: the distinct experts the
@@ -52,7 +52,7 @@ from kernmux.kernels.moe_experts import OP  # noqa: E402  (registers the op)
 from kernmux.kernels.moe_experts import spec  # noqa: E402
 from kernmux.kernels.moe_experts.reference import moe_experts as reference  # noqa: E402
 from kernmux.kernels.moe_experts.triton_config import config_valid  # noqa: E402
-from kernmux.tuning_db.timing import environment_row, measure  # noqa: E402
+from kernmux.tuning_db.measurement.timing import environment_row, measure  # noqa: E402
 
 MODELS = {
     "Qwen3-30B-A3B": dict(experts=128, topk=8, hidden=2048, inter=768, shared=0),
