@@ -210,6 +210,11 @@ def check_rules_text(text: str, path: str, *, registry: Registry = REGISTRY, lay
         loader.dispose()
 
 
+def _line(error: RuleError) -> int:
+    line = error.location.rpartition(":")[2]
+    return int(line) if line.isdigit() else 0
+
+
 def parse_rules_text(text: str, path: str, *, registry: Registry = REGISTRY, layer: str = "user") -> list[Rule]:
     """Parse and validate one rule file's text. Raises the first :class:`RuleError`."""
     rules, errors = check_rules_text(text, path, registry=registry, layer=layer)
@@ -300,6 +305,8 @@ def _parse_rule(ctx: _Ctx, node: yaml.Node) -> Rule | None:
     if op is not None and "when" in fields:
         when = ctx.attempt(_parse_when, ctx, op, fields["when"][1])
     if len(ctx.errors) > errors_before:
+        # in line order (fields are checked in a fixed order, not the file's); stable sort
+        ctx.errors[errors_before:] = sorted(ctx.errors[errors_before:], key=_line)
         return None
     return Rule(
         id=rule_id,
@@ -375,7 +382,7 @@ def _config_value(ctx: _Ctx, op: Op, kernel: Kernel | None, key: str, key_node: 
         return value
     if space and not any(type(choice) is type(value) and choice == value for choice in space[key]):
         choices = ", ".join(show(c) for c in space[key])
-        raise ctx.fail(node, f"config {key}={show(value)} is not in kernel {kernel.name!r}'s space; expected one of {choices} (or '$feature')")
+        raise ctx.fail(node, f"config {key}={show(value)} is not in the config space of kernel {kernel.name!r}; expected one of {choices} (or '$feature')")
     return value
 
 
