@@ -634,12 +634,15 @@ def load_rules(
     if include_shipped:
         files += [(p, "shipped") for p in shipped_rule_files()]
     rules: list[Rule] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, Rule] = {}
     for path, layer in files:
         for rule in load_rule_file(path, registry=registry, layer=layer):
-            if rule.id in seen:
-                raise RuleError(rule.source, f"duplicate rule id {rule.id!r} (first defined at {seen[rule.id]})")
-            seen[rule.id] = rule.source
+            first = seen.get(rule.id)
+            if first is not None and first.layer != rule.layer:  # name the user's rule: theirs to rename
+                raise RuleError(first.source, f"rule id {rule.id!r} is already used by the {rule.layer} rule at {rule.source}; ids must be unique across layers")
+            if first is not None:
+                raise RuleError(rule.source, f"duplicate rule id {rule.id!r} (first defined at {first.source})")
+            seen[rule.id] = rule
             rules.append(rule)
     return RuleSet(tuple(rules), tuple(str(p) for p, _ in files))
 
