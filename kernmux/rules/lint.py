@@ -23,12 +23,19 @@ from packaging.version import InvalidVersion, Version
 
 from kernmux.dispatch.platform import VENDORS
 from kernmux.dispatch.registry import REGISTRY, Registry
-from kernmux.dispatch.rule_model import Between, Compare, Condition, LibVersion, OneOf, Rule
+from kernmux.dispatch.rule_model import (
+    Between,
+    Compare,
+    Condition,
+    LibVersion,
+    OneOf,
+    Rule,
+)
 from kernmux.rules.loader import check_rule_file, shipped_rule_files
 from kernmux.rules.shadow import implies, shadowed
 from kernmux.rules.source import show
 
-__all__ = ["LintProblem", "LintReport", "lint_files", "never_matches", "shadowed", "implies"]
+__all__ = ["LintProblem", "LintReport", "implies", "lint_files", "never_matches", "shadowed"]
 
 ARCH_VENDOR_PREFIX = {"cuda": ("sm_",), "rocm": ("gfx",), "cpu": ("cpu",)}
 

@@ -1,11 +1,12 @@
 """Load rule files into frozen, validated :class:`Rule` objects.
 
-Reading and composing the YAML is bounded (:mod:`kernmux.rules.source`); this module
-validates the node tree. Every problem names ``file:line`` and says what was expected
-and what was got, and validation goes on after a problem so that one pass finds them
-all: :func:`check_rule_file` returns the good rules and every error (what ``rules lint``
-shows), :func:`load_rule_file` raises the first error and counts the rest (what the
-dispatcher, ``explain`` and the vLLM plugin do). All validation lives here.
+Reading and composing the YAML is bounded (:mod:`kernmux.rules.source`); the node tree
+is validated here (a rule's fields and actions), in :mod:`kernmux.rules.conditions` (its
+``when`` block) and :mod:`kernmux.rules.nodes` (values and mappings). Every problem names
+``file:line`` and says what was expected and what was got, and validation goes on after a
+problem so that one pass finds them all: :func:`check_rule_file` returns the good rules
+and every error (what ``rules lint`` shows), :func:`load_rule_file` raises the first
+error and counts the rest (what the dispatcher, ``explain`` and the vLLM plugin do).
 """
 
 from __future__ import annotations
@@ -13,181 +14,29 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from packaging.version import InvalidVersion, Version
 
-from kernmux.dispatch.platform import PLATFORM_KEYS, VENDORS
 from kernmux.dispatch.registry import REGISTRY, Kernel, Op, Registry
-from kernmux.dispatch.rule_model import (
-    ACTIONS,
-    COMPARATORS,
-    Action,
-    Between,
-    Compare,
-    Condition,
-    LibVersion,
-    MultipleOf,
-    OneOf,
-    Rule,
-    RuleSet,
-    TransformSpec,
-)
-from kernmux.rules.source import MAX_INT_DIGITS, RuleError, compose, decode, read_bytes, safe_string, show
+from kernmux.dispatch.rule_model import ACTIONS, Action, Rule, RuleSet, TransformSpec
+from kernmux.rules.conditions import normalise_dist, parse_when
+from kernmux.rules.nodes import Ctx, Invalid, describe, mapping_items, peek
+from kernmux.rules.source import RuleError, compose, decode, read_bytes, show
 
-__all__ = ["RuleError", "check_rule_file", "load_rule_file", "load_rules", "parse_rules_text", "check_rules_text"]
+__all__ = ["RuleError", "check_rule_file", "check_rules_text", "load_rule_file", "load_rules", "normalise_dist", "parse_rules_text"]
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 TOP_LEVEL_KEYS = ("version", "rules")
 RULE_KEYS = ("id", "op", "when", *ACTIONS, "config", "split_heads", "pad_heads", "reason", "link")
 TRANSFORM_KEYS = ("split_heads", "pad_heads")
 ID_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
-RANGE_PATTERN = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
-MULTIPLE_PATTERN = re.compile(r"^(!?)%\s*(\d+)$")
-# PEP 508 distribution names; rules spell them in PEP 503 normalised form.
-DIST_NAME = re.compile(r"^([a-z0-9]|[a-z0-9][a-z0-9._-]*[a-z0-9])$", re.IGNORECASE)
-MAX_SPECIFIER_CHARS = 200
 # Transforms on an op whose head feature declares no maximum are capped here: no model
 # has this many query heads on one rank, and pad_heads allocates that many per call.
 TRANSFORM_HEADS_CEILING = 1024
 SUPPORTED_VERSIONS = (1,)
-MERGE_TAG = "tag:yaml.org,2002:merge"
-STR_TAG = "tag:yaml.org,2002:str"
 CONFIG_SCALARS = (bool, int, float, str)
-
-T = TypeVar("T")
-
-
-def normalise_dist(name: str) -> str:
-    """PEP 503 normal form of a distribution name (``Amd_Aiter`` -> ``amd-aiter``)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-class _Invalid(Exception):
-    """What was being parsed is invalid; its problems are already in ``_Ctx.errors``."""
-
-
-@dataclass
-class _Ctx:
-    path: str
-    loader: yaml.SafeLoader
-    registry: Registry
-    layer: str
-    errors: list[RuleError] = field(default_factory=list)
-    _features: dict[str, frozenset[str]] = field(default_factory=dict)
-
-    def features(self, op: Op) -> frozenset[str]:
-        """The op's feature names (``Op.feature_names`` builds a tuple on each call)."""
-        names = self._features.get(op.name)
-        if names is None:
-            names = self._features[op.name] = frozenset(op.feature_names)
-        return names
-
-    def where(self, node: yaml.Node) -> str:
-        return f"{self.path}:{node.start_mark.line + 1}"
-
-    def fail(self, node: yaml.Node, message: str) -> RuleError:
-        return RuleError(self.where(node), message)
-
-    def attempt(self, fn: Callable[..., T], *args: Any) -> T | None:
-        """``fn(*args)``, or None after recording the RuleError it raised."""
-        try:
-            return fn(*args)
-        except RuleError as e:
-            self.errors.append(e)
-            return None
-        except _Invalid:
-            return None
-
-    def scalar(self, node: yaml.Node, what: str) -> Any:
-        """The value of a scalar node; RuleError for a collection, a value YAML cannot
-        build (a timestamp out of range, a 5,000-digit integer) or an unprintable string."""
-        if not isinstance(node, yaml.ScalarNode):
-            raise self.fail(node, f"{what} must be a single value, got {describe(node)}")
-        if node.tag == STR_TAG:  # most values: no constructor call needed
-            bad = safe_string(node.value)
-            if bad:
-                raise self.fail(node, f"{what} contains {bad}; expected printable text")
-            return node.value
-        try:
-            value = self.loader.construct_object(node, deep=True)
-        except yaml.MarkedYAMLError as e:
-            raise self.fail(node, f"{what}: {e.problem or e}") from None
-        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
-            raise self.fail(node, f"{what}: cannot read {show(node.value)} ({type(e).__name__})") from None
-        if isinstance(value, str):
-            bad = safe_string(value)
-            if bad:
-                raise self.fail(node, f"{what} contains {bad}; expected printable text")
-        return value
-
-
-def describe(node: yaml.Node, value: Any = None) -> str:
-    """What a node holds, in words, without building (or printing) a collection."""
-    if isinstance(node, yaml.MappingNode):
-        return "a set" if node.tag == "tag:yaml.org,2002:set" else "a mapping"
-    if isinstance(node, yaml.SequenceNode):
-        return "a list"
-    if value is None:
-        return "null"
-    return f"{type(value).__name__} {show(value)}"
-
-
-def _mapping_items(ctx: _Ctx, node: yaml.Node, what: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
-    """(key, key node, value node) of a mapping, ``<<`` merges applied (explicit keys win,
-    then earlier merge sources). A duplicate or non-string key is recorded and skipped."""
-    if not isinstance(node, yaml.MappingNode):
-        raise ctx.fail(node, f"{what} must be a mapping, got {describe(node, _peek(ctx, node))}")
-    items: list[tuple[str, yaml.Node, yaml.Node]] = []
-    seen: set[str] = set()
-    pending = [node]  # merge sources, depth first (a cycle or repeat is read once)
-    visited: set[int] = set()
-    while pending:
-        current = pending.pop(0)
-        if id(current) in visited:
-            continue
-        visited.add(id(current))
-        own: set[str] = set()
-        sources = []
-        for key_node, value_node in current.value:
-            if key_node.tag == MERGE_TAG:
-                for source in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
-                    if not isinstance(source, yaml.MappingNode):
-                        ctx.errors.append(ctx.fail(source, f"'<<' in {what} merges mappings, got {describe(source, _peek(ctx, source))}"))
-                        continue
-                    sources.append(source)
-                continue
-            try:
-                key = ctx.scalar(key_node, f"a key of {what}")
-            except RuleError as e:
-                ctx.errors.append(e)
-                continue
-            if not isinstance(key, str):
-                ctx.errors.append(ctx.fail(key_node, f"{what} keys must be strings, got {describe(key_node, key)}"))
-                continue
-            if key in own:
-                ctx.errors.append(ctx.fail(key_node, f"duplicate key {show(key)} in {what}"))
-                continue
-            own.add(key)
-            if key not in seen:  # explicit keys override merged ones
-                seen.add(key)
-                items.append((key, key_node, value_node))
-        pending[:0] = sources
-    return items
-
-
-def _peek(ctx: _Ctx, node: yaml.Node) -> Any:
-    """A scalar's value for a message (None when it cannot be built or is a collection)."""
-    if not isinstance(node, yaml.ScalarNode):
-        return None
-    try:
-        return ctx.scalar(node, "value")
-    except RuleError:
-        return node.value
 
 
 # --------------------------------------------------------------------------- loading
@@ -203,7 +52,7 @@ def check_rules_text(text: str, path: str, *, registry: Registry = REGISTRY, lay
     try:
         if root is None:
             return [], [RuleError(f"{path}:1", "empty rule file; expected a mapping with 'version: 1' and 'rules:'")]
-        ctx = _Ctx(path, loader, registry, layer)
+        ctx = Ctx(path, loader, registry, layer)
         rules = ctx.attempt(_parse_root, ctx, root) or []
         return rules, ctx.errors
     finally:
@@ -228,8 +77,8 @@ def _raise_first(errors: Sequence[RuleError]) -> None:
         raise RuleError(first.location, first.message, more=len(errors) - 1)
 
 
-def _parse_root(ctx: _Ctx, root: yaml.Node) -> list[Rule]:
-    items = _mapping_items(ctx, root, "rule file")
+def _parse_root(ctx: Ctx, root: yaml.Node) -> list[Rule]:
+    items = mapping_items(ctx, root, "rule file")
     keys = {key: (key_node, value_node) for key, key_node, value_node in items}
     for key, key_node, _ in items:
         if key not in TOP_LEVEL_KEYS:
@@ -241,10 +90,10 @@ def _parse_root(ctx: _Ctx, root: yaml.Node) -> list[Rule]:
     if "rules" not in keys:
         raise ctx.fail(root, "missing 'rules' (expected a list of rules)")
     rules_node = keys["rules"][1]
-    if isinstance(rules_node, yaml.ScalarNode) and _peek(ctx, rules_node) is None:
+    if isinstance(rules_node, yaml.ScalarNode) and peek(ctx, rules_node) is None:
         return []
     if not isinstance(rules_node, yaml.SequenceNode):
-        raise ctx.fail(rules_node, f"'rules' must be a list, got {describe(rules_node, _peek(ctx, rules_node))}")
+        raise ctx.fail(rules_node, f"'rules' must be a list, got {describe(rules_node, peek(ctx, rules_node))}")
     rules, seen = [], {}
     for node in rules_node.value:
         rule = _parse_rule(ctx, node)
@@ -258,16 +107,16 @@ def _parse_root(ctx: _Ctx, root: yaml.Node) -> list[Rule]:
     return rules
 
 
-def _check_version(ctx: _Ctx, node: yaml.Node) -> None:
+def _check_version(ctx: Ctx, node: yaml.Node) -> None:
     version = ctx.scalar(node, "'version'")
     if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
         raise ctx.fail(node, f"unsupported version {show(version)}; expected one of {list(SUPPORTED_VERSIONS)}")
 
 
-def _parse_rule(ctx: _Ctx, node: yaml.Node) -> Rule | None:
+def _parse_rule(ctx: Ctx, node: yaml.Node) -> Rule | None:
     """The rule, or None after recording every problem found in it."""
     errors_before = len(ctx.errors)
-    items = ctx.attempt(_mapping_items, ctx, node, "a rule")
+    items = ctx.attempt(mapping_items, ctx, node, "a rule")
     if items is None:
         return None
     fields = {}
@@ -303,7 +152,7 @@ def _parse_rule(ctx: _Ctx, node: yaml.Node) -> Rule | None:
         action = ctx.attempt(_parse_action, ctx, op, actions[0], fields)
     when = ()
     if op is not None and "when" in fields:
-        when = ctx.attempt(_parse_when, ctx, op, fields["when"][1])
+        when = ctx.attempt(parse_when, ctx, op, fields["when"][1])
     if len(ctx.errors) > errors_before:
         # in line order (fields are checked in a fixed order, not the file's); stable sort
         ctx.errors[errors_before:] = sorted(ctx.errors[errors_before:], key=_line)
@@ -320,7 +169,7 @@ def _parse_rule(ctx: _Ctx, node: yaml.Node) -> Rule | None:
     )
 
 
-def _op_of(ctx: _Ctx, fields: dict, required_str: Callable[[str], str]) -> Op:
+def _op_of(ctx: Ctx, fields: dict, required_str: Callable[[str], str]) -> Op:
     op_name = required_str("op")
     if op_name not in ctx.registry.ops:
         known = ", ".join(sorted(ctx.registry.ops))
@@ -328,7 +177,7 @@ def _op_of(ctx: _Ctx, fields: dict, required_str: Callable[[str], str]) -> Op:
     return ctx.registry.ops[op_name]
 
 
-def _kernel_name(ctx: _Ctx, op: Op, node: yaml.Node) -> str:
+def _kernel_name(ctx: Ctx, op: Op, node: yaml.Node) -> str:
     name = ctx.scalar(node, "a kernel name")
     if not isinstance(name, str):
         raise ctx.fail(node, f"kernel name must be a string, got {describe(node, name)}")
@@ -338,7 +187,7 @@ def _kernel_name(ctx: _Ctx, op: Op, node: yaml.Node) -> str:
     return name
 
 
-def _transform(ctx: _Ctx, op: Op, node: yaml.Node, key: str) -> int:
+def _transform(ctx: Ctx, op: Op, node: yaml.Node, key: str) -> int:
     """A head count for ``split_heads``/``pad_heads``: positive, at most the op's heads."""
     value = ctx.scalar(node, repr(key))
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -354,11 +203,11 @@ def _transform(ctx: _Ctx, op: Op, node: yaml.Node, key: str) -> int:
     return value
 
 
-def _parse_config(ctx: _Ctx, op: Op, kernel: Kernel | None, node: yaml.Node) -> dict[str, Any]:
+def _parse_config(ctx: Ctx, op: Op, kernel: Kernel | None, node: yaml.Node) -> dict[str, Any]:
     """Config keys and values checked against ``kernel``'s config space ("$feature"
     values stand for the problem's feature and are checked to name one)."""
     config: dict[str, Any] = {}
-    items = _mapping_items(ctx, node, "'config'")
+    items = mapping_items(ctx, node, "'config'")
     space = kernel.config_space if kernel is not None else None
     if kernel is not None and not space and items:
         raise ctx.fail(node, f"kernel {kernel.name!r} of {op.name} takes no config; got keys {[show(k) for k, _, _ in items[:8]]}")
@@ -369,7 +218,7 @@ def _parse_config(ctx: _Ctx, op: Op, kernel: Kernel | None, node: yaml.Node) -> 
     return config
 
 
-def _config_value(ctx: _Ctx, op: Op, kernel: Kernel | None, key: str, key_node: yaml.Node, node: yaml.Node) -> Any:
+def _config_value(ctx: Ctx, op: Op, kernel: Kernel | None, key: str, key_node: yaml.Node, node: yaml.Node) -> Any:
     value = ctx.scalar(node, f"config value {show(key)}")
     if type(value) not in CONFIG_SCALARS:
         raise ctx.fail(node, f"config value {show(key)} must be a number, string or bool, got {describe(node, value)}")
@@ -386,7 +235,7 @@ def _config_value(ctx: _Ctx, op: Op, kernel: Kernel | None, key: str, key_node: 
     return value
 
 
-def _parse_action(ctx: _Ctx, op: Op, kind: str, fields: dict) -> Action:
+def _parse_action(ctx: Ctx, op: Op, kind: str, fields: dict) -> Action:
     key_node, node = fields[kind]
     errors_before = len(ctx.errors)
     kernels_of_op = ctx.registry.kernels.get(op.name, {})
@@ -401,7 +250,7 @@ def _parse_action(ctx: _Ctx, op: Op, kind: str, fields: dict) -> Action:
         else:
             raise ctx.fail(node, f"{kind!r} expects a kernel name or a non-empty list of kernel names")
         if len(ctx.errors) > errors_before:
-            raise _Invalid
+            raise Invalid
         return Action(kind, kernels)
 
     # use / adapt: a kernel name, or a mapping {kernel, config?, split_heads?, pad_heads?}
@@ -410,7 +259,7 @@ def _parse_action(ctx: _Ctx, op: Op, kind: str, fields: dict) -> Action:
     kernel = None
     if isinstance(node, yaml.MappingNode):
         sub = {}
-        for key, sub_key_node, value_node in _mapping_items(ctx, node, repr(kind)):
+        for key, sub_key_node, value_node in mapping_items(ctx, node, repr(kind)):
             if key not in ("kernel", "config", *TRANSFORM_KEYS):
                 ctx.errors.append(ctx.fail(sub_key_node, f"unknown key {show(key)} in {kind!r}; expected kernel, config, split_heads, pad_heads"))
             sub[key] = value_node
@@ -443,150 +292,8 @@ def _parse_action(ctx: _Ctx, op: Op, kind: str, fields: dict) -> Action:
     if kind == "adapt" and not config_nodes and not transform_nodes:
         ctx.errors.append(ctx.fail(node, "'adapt' must attach a config or a transform (split_heads / pad_heads)"))
     if len(ctx.errors) > errors_before:
-        raise _Invalid
+        raise Invalid
     return Action(kind, (kernel,), config, TransformSpec(**transform))
-
-
-def _parse_when(ctx: _Ctx, op: Op, node: yaml.Node) -> tuple[Condition, ...]:
-    errors_before = len(ctx.errors)
-    conditions = []
-    for key, key_node, value_node in _mapping_items(ctx, node, "'when'"):
-        condition = ctx.attempt(_parse_condition, ctx, op, key, key_node, value_node)
-        if isinstance(condition, list):
-            conditions.extend(condition)
-    if len(ctx.errors) > errors_before:
-        raise _Invalid
-    return tuple(conditions)
-
-
-def _parse_condition(ctx: _Ctx, op: Op, key: str, key_node: yaml.Node, value_node: yaml.Node) -> list[Condition]:
-    if key == "libs":
-        errors_before = len(ctx.errors)
-        conditions = []
-        for dist, dist_node, spec_node in _mapping_items(ctx, value_node, "'libs'"):
-            if ctx.attempt(_check_dist_name, ctx, dist, dist_node) is None:
-                continue
-            spec = ctx.attempt(_parse_lib_spec, ctx, dist, spec_node)
-            if spec is not None:
-                conditions.append(Condition("lib", dist, spec))
-        if len(ctx.errors) > errors_before:
-            raise _Invalid
-        return conditions
-    if key in PLATFORM_KEYS:
-        kind = "int" if key == "units" else "str"
-        matcher = _parse_matcher(ctx, key, kind, value_node)
-        if key == "vendor" and isinstance(matcher, OneOf):
-            for vendor in matcher.values:
-                if vendor not in VENDORS:
-                    raise ctx.fail(value_node, f"unknown vendor {show(vendor)}; expected one of {list(VENDORS)}")
-        return [Condition("platform", key, matcher)]
-    if key in ctx.features(op):
-        spec = op.spec(key)
-        return [Condition("feature", key, _parse_matcher(ctx, key, spec.kind, value_node))]
-    raise ctx.fail(
-        key_node,
-        f"unknown condition key {show(key)} for op {op.name!r}; expected a platform key "
-        f"({', '.join(PLATFORM_KEYS)}), 'libs', or a feature ({', '.join(op.feature_names)})",
-    )
-
-
-def _check_dist_name(ctx: _Ctx, dist: str, node: yaml.Node) -> str:
-    if not DIST_NAME.match(dist):
-        raise ctx.fail(node, f"libs: {show(dist)} is not a distribution name; expected letters, digits, '-', '_', '.' starting and ending with a letter or digit (PEP 508)")
-    normal = normalise_dist(dist)
-    if normal != dist:
-        raise ctx.fail(node, f"libs: write {show(dist)} in PEP 503 normalised form, {show(normal)}")
-    return dist
-
-
-def _parse_lib_spec(ctx: _Ctx, dist: str, node: yaml.Node) -> LibVersion:
-    value = ctx.scalar(node, f"libs.{dist}")
-    if value is None:
-        return LibVersion(None)
-    if not isinstance(value, str):
-        raise ctx.fail(node, f"libs.{dist} must be a PEP 440 specifier string or null, got {describe(node, value)}")
-    text = value.strip()
-    if text in ("", "*"):
-        return LibVersion("")
-    example = "(e.g. '>=0.1.12', '<0.1.22,>=0.1.9')"
-    if len(text) > MAX_SPECIFIER_CHARS:
-        raise ctx.fail(node, f"libs.{dist}: specifier of {len(text)} characters; expected at most {MAX_SPECIFIER_CHARS} {example}")
-    try:
-        specifiers = SpecifierSet(text)
-    except InvalidSpecifier:
-        raise ctx.fail(node, f"libs.{dist}: {show(value)} is not a PEP 440 specifier {example}") from None
-    for spec in specifiers:
-        if spec.operator == "===":
-            continue  # arbitrary (string) equality: any text; lint says when it can never match
-        try:
-            Version(spec.version.removesuffix(".*"))
-        except (InvalidVersion, ValueError):
-            raise ctx.fail(node, f"libs.{dist}: {show(spec.version)} in {show(text)} is not a usable PEP 440 version {example}") from None
-    return LibVersion(text)
-
-
-def _bounded_int(ctx: _Ctx, node: yaml.Node, key: str, text: str) -> int:
-    digits = text.lstrip("-+ ")
-    if len(digits) > MAX_INT_DIGITS:
-        raise ctx.fail(node, f"{key!r}: a number of {len(digits)} digits in {show(text)}; expected at most {MAX_INT_DIGITS} digits")
-    return int(text)
-
-
-def _scalar_of_kind(ctx: _Ctx, key: str, kind: str, node: yaml.Node, value: Any) -> Any:
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ctx.fail(node, f"{key!r} expects an integer (or a comparison such as '<16' or '16..64'), got {describe(node, value)}")
-    elif kind == "bool":
-        if not isinstance(value, bool):
-            raise ctx.fail(node, f"{key!r} expects true or false, got {describe(node, value)}")
-    elif not isinstance(value, str):
-        raise ctx.fail(node, f"{key!r} expects a string, got {describe(node, value)}")
-    return value
-
-
-def _parse_matcher(ctx: _Ctx, key: str, kind: str, node: yaml.Node):
-    if isinstance(node, yaml.SequenceNode):
-        if not node.value:
-            raise ctx.fail(node, f"{key!r}: empty list can never match")
-        values = []
-        for item in node.value:
-            if not isinstance(item, yaml.ScalarNode):
-                raise ctx.fail(item, f"{key!r}: list items must be scalars, got {describe(item)}")
-            values.append(_scalar_of_kind(ctx, key, kind, item, ctx.scalar(item, repr(key))))
-        return OneOf(tuple(values))
-    if not isinstance(node, yaml.ScalarNode):
-        raise ctx.fail(node, f"{key!r} expects a scalar, a list or a comparison string, got {describe(node)}")
-    value = ctx.scalar(node, repr(key))
-    if isinstance(value, str):
-        text = value.strip()
-        range_match = RANGE_PATTERN.match(text)
-        if range_match:
-            if kind != "int":
-                raise ctx.fail(node, f"{key!r} is a {kind} feature; a range {show(text)} only applies to integers")
-            return Between(_bounded_int(ctx, node, key, range_match.group(1)), _bounded_int(ctx, node, key, range_match.group(2)))
-        multiple = MULTIPLE_PATTERN.match(text)
-        if multiple:
-            if kind != "int":
-                raise ctx.fail(node, f"{key!r} is a {kind} feature; {show(text)} (multiple of) only applies to integers")
-            divisor = _bounded_int(ctx, node, key, multiple.group(2))
-            if divisor <= 0:
-                raise ctx.fail(node, f"{key!r}: divisor in {show(text)} must be positive")
-            return MultipleOf(divisor, negate=bool(multiple.group(1)))
-        for op in COMPARATORS:
-            if text.startswith(op):
-                bound_text = text[len(op):].strip()
-                if kind == "int":
-                    if not re.fullmatch(r"[-+]?\d+", bound_text):
-                        raise ctx.fail(node, f"{key!r}: bad comparison {show(text)}; expected e.g. '<16', '>=64', '!=8', '16..64', '%32'")
-                    bound: Any = _bounded_int(ctx, node, key, bound_text)
-                elif op == "!=":
-                    bound = bound_text if kind == "str" else bound_text.lower() in ("true", "1", "yes")
-                else:
-                    raise ctx.fail(node, f"{key!r} is a {kind} feature; comparison {show(text)} only applies to integers")
-                return Compare(op, bound)
-        if kind == "int" and any(ch in text for ch in "<>=!.~%"):
-            raise ctx.fail(node, f"{key!r}: bad comparator in {show(text)}; expected one of <, <=, >, >=, !=, a range 'lo..hi' or '%N' / '!%N' (multiple of N)")
-    return OneOf((_scalar_of_kind(ctx, key, kind, node, value),))
 
 
 # --------------------------------------------------------------------------- files

@@ -16,7 +16,14 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kernmux.dispatch.rule_model import Between, Compare, Condition, Matcher, OneOf, Rule
+from kernmux.dispatch.rule_model import (
+    Between,
+    Compare,
+    Condition,
+    Matcher,
+    OneOf,
+    Rule,
+)
 
 Key = tuple[str, str]
 # A Between up to this wide is checked value by value against the general matcher.

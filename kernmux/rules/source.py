@@ -8,10 +8,12 @@ traceback. Every failure here is a :class:`RuleError` naming ``file:line``:
   ``stat`` without reading), opened non-blocking, at most ``KERNMUX_RULES_MAX_BYTES``;
 - the bytes must be UTF-8 text without control characters (binary and UTF-16 files are
   named as such, with the line of the first bad byte);
-- composing the node tree is bounded: nesting depth (:data:`MAX_DEPTH`) and the nodes
-  aliases may add when expanded (:data:`ALIAS_NODE_BUDGET` beyond the nodes written), so
-  an alias bomb ("billion laughs") as a value, a mapping key or a ``<<`` merge is refused
-  while its anchors are read, before anything is expanded.
+- composing the node tree is bounded: nodes written (one per :data:`BYTES_PER_NODE`
+  bytes of the size limit), nesting depth (:data:`MAX_DEPTH`) and the nodes aliases may
+  add when expanded (:data:`ALIAS_NODE_BUDGET` beyond the nodes written), so an alias
+  bomb ("billion laughs") as a value, a mapping key or a ``<<`` merge is refused while
+  its anchors are read, before anything is expanded;
+- integer literals are at most :data:`MAX_INT_DIGITS` digits (``int()`` raises past 4,300).
 
 Values are shown in messages through :func:`show`, which never renders more than a
 short prefix of a value.
@@ -43,6 +45,7 @@ ALIAS_NODE_BUDGET = 100_000
 # style writes one per 10 bytes; a 4 MiB list of one-digit items would write 2 million,
 # 600 MB of nodes).
 BYTES_PER_NODE = 8
+MIN_NODES = 10_000  # however small the size limit (a short file is denser than 1 per 8 bytes)
 # Longest integer literal accepted (int() refuses more than 4,300 digits with a ValueError).
 MAX_INT_DIGITS = 30
 SHOW_LIMIT = 60
@@ -240,8 +243,8 @@ class BoundedLoader(Composer, _Parser, SafeConstructor, Resolver):
         self.written += 1
         if self.written > self.max_nodes:
             raise LimitError(
-                None, None, f"more than {self.max_nodes} YAML nodes (at most one per {BYTES_PER_NODE} bytes of "
-                f"{MAX_BYTES_ENV}); split the file or raise the limit", event.start_mark,
+                None, None, f"more than {self.max_nodes} YAML nodes (one per {BYTES_PER_NODE} bytes of "
+                f"{MAX_BYTES_ENV}, at least {MIN_NODES}); split the file or raise the limit", event.start_mark,
             )
         anchor = event.anchor
         if anchor is not None and anchor in self.anchors:
@@ -311,7 +314,7 @@ def _no_gc() -> Iterator[None]:
 def compose(text: str, path: str) -> tuple[yaml.Node | None, BoundedLoader]:
     """The document's root node (None for an empty file) and the loader that made it
     (to construct values from its nodes; call ``loader.dispose()`` when done)."""
-    loader = BoundedLoader(text, max_nodes=max(1, max_bytes() // BYTES_PER_NODE))
+    loader = BoundedLoader(text, max_nodes=max(MIN_NODES, max_bytes() // BYTES_PER_NODE))
     try:
         with _no_gc():
             root = loader.get_single_node()

@@ -9,7 +9,12 @@ import pytest
 
 from kernmux.cli.main import main
 from kernmux.rules.lint import implies, lint_files
-from kernmux.rules.loader import RuleError, check_rule_file, load_rules, shipped_rule_files
+from kernmux.rules.loader import (
+    RuleError,
+    check_rule_file,
+    load_rules,
+    shipped_rule_files,
+)
 from kernmux.rules.shadow import shadowed
 
 HEADER = "version: 1\nrules:\n"

@@ -7,7 +7,13 @@ import pytest
 from kernmux.cli.main import main
 from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.registry import REGISTRY
-from kernmux.rules.loader import RuleError, check_rule_file, load_rule_file, load_rules, parse_rules_text
+from kernmux.rules.loader import (
+    RuleError,
+    check_rule_file,
+    load_rule_file,
+    load_rules,
+    parse_rules_text,
+)
 from kernmux.rules.source import safe_string, show
 
 GOOD_RULE = """
@@ -275,3 +281,36 @@ def test_self_merge_is_read_once(tmp_path):
     path.write_text("version: 1\nrules:\n  - &r {<<: *r, id: a, op: toy_attention, use: torch, reason: r, link: l}\n")
     (rule,) = load_rule_file(path)  # the mapping merges itself: a no-op, not a loop
     assert rule.id == "a"
+
+
+def test_size_limit_is_configurable(tmp_path, monkeypatch):
+    path = tmp_path / "r.yaml"
+    path.write_text(one_rule("    use: torch\n"))
+    size = path.stat().st_size
+    monkeypatch.setenv("KERNMUX_RULES_MAX_BYTES", str(size))
+    assert [r.id for r in load_rule_file(path)] == ["a"]
+    monkeypatch.setenv("KERNMUX_RULES_MAX_BYTES", str(size - 1))
+    with pytest.raises(RuleError, match=f"{path}:1: rule file is {size} bytes; the limit is {size - 1}"):
+        load_rule_file(path)
+    monkeypatch.setenv("KERNMUX_RULES_MAX_BYTES", "lots")
+    with pytest.raises(RuleError, match="KERNMUX_RULES_MAX_BYTES: expected a positive number of bytes, got 'lots'"):
+        load_rule_file(path)
+
+
+def test_node_limit_follows_the_size_limit(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERNMUX_RULES_MAX_BYTES", "100000")  # 12,500 nodes
+    path = tmp_path / "flood.yaml"
+    path.write_text("version: 1\nrules: [" + "1," * 20_000 + "1]\n")
+    with pytest.raises(RuleError, match=f"{path}:2: more than 12500 YAML nodes"):
+        load_rule_file(path)
+
+
+def test_aliases_within_budget_load(tmp_path):
+    """Sharing a block among many rules is what anchors are for: it stays within budget."""
+    text = "version: 1\nshared: &w {heads: 16, dtype: bf16}\nrules:\n" + "".join(
+        f"  - {{id: r{i}, op: toy_attention, when: *w, use: torch, reason: r, link: l}}\n" for i in range(2000)
+    )
+    path = tmp_path / "shared.yaml"
+    path.write_text(text)
+    rules, errors = check_rule_file(path)
+    assert len(rules) == 2000 and [e.message for e in errors] == ["unknown top-level key 'shared'; expected ['version', 'rules']"]
