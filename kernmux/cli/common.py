@@ -22,8 +22,18 @@ def print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
+def printable(text: str, stream: Any = None) -> str:
+    """``text`` as ``stream`` (default stdout) can encode it: what it cannot (a lone
+    surrogate from a file, a character outside the locale) becomes a backslash escape."""
+    encoding = getattr(stream or sys.stdout, "encoding", None) or "utf-8"
+    try:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:  # an unknown encoding name
+        return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
 def fail(message: str, code: int = 2) -> int:
-    sys.stderr.write(f"kernmux: error: {message}\n")
+    sys.stderr.write(printable(f"kernmux: error: {message}\n", sys.stderr))
     return code
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from kernmux.cli.common import add_json_flag, fail, print_json
+from kernmux.cli.common import add_json_flag, fail, print_json, printable
 
 
 def register(subparsers) -> None:
@@ -38,7 +38,7 @@ def run_lint(args) -> int:
         print_json(report.as_dict())
     else:
         for problem in report.problems:
-            print(problem.text())
+            print(printable(problem.text()))
         status = "ok" if report.ok else f"{len(report.problems)} problem(s)"
         print(f"{len(report.files)} file(s), {report.rules} rule(s): {status}", file=sys.stderr if not report.ok else sys.stdout)
     return 0 if report.ok else 1

@@ -53,8 +53,10 @@ class FeatureSpec:
     doc: str
     default: Any
     choices: tuple[Any, ...] | None = None
-    # Smallest legal value of an int feature (lint flags conditions below it).
+    # Smallest and largest legal values of an int feature (lint flags conditions outside
+    # them; a head feature's maximum also bounds split_heads/pad_heads in rules).
     minimum: int | None = None
+    maximum: int | None = None
 
     def parse(self, text: str) -> Any:
         """Parse a command-line value; raises ValueError naming the feature."""

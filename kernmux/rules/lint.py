@@ -1,13 +1,14 @@
-"""``kernmux rules lint``: malformed files, rules that can never match, shadowed rules.
+"""``kernmux rules lint``: every problem of every file in one run.
 
-Malformed files are :class:`RuleError` from the loader. Beyond that, two semantic
-checks the loader cannot make one rule at a time:
-
+- errors: whatever the loader refuses (each with ``file:line``; all of them, not only a
+  file's first), ids defined twice among the files, and a user file reusing the id of a
+  shipped rule (the dispatcher refuses to load such a pair);
 - never matches: a condition no value can satisfy (a feature value outside the
-  feature's declared choices, an empty range, an arch of another vendor, ...), or an
-  action whose kernels can never run under the rule's own vendor condition;
+  feature's declared choices or range, an empty range, an arch of another vendor, a
+  library version no release can have, ...), or an action whose kernels can never run
+  under the rule's own vendor condition;
 - shadowed: a ``use`` rule that can never win because an earlier ``use`` rule for the
-  same op matches whenever it does.
+  same op matches whenever it does (:mod:`kernmux.rules.shadow`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,26 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 from kernmux.dispatch.platform import VENDORS
 from kernmux.dispatch.registry import REGISTRY, Registry
-from kernmux.rules.loader import RuleError, load_rule_file, shipped_rule_files
-from kernmux.dispatch.rule_model import Between, Compare, Condition, LibVersion, OneOf, Rule
+from kernmux.dispatch.rule_model import (
+    Between,
+    Compare,
+    Condition,
+    LibVersion,
+    OneOf,
+    Rule,
+)
+from kernmux.rules.loader import check_rule_file, shipped_rule_files
+from kernmux.rules.shadow import implies, shadowed
+from kernmux.rules.source import show
+
+__all__ = ["LintProblem", "LintReport", "implies", "lint_files", "never_matches", "shadowed"]
 
 ARCH_VENDOR_PREFIX = {"cuda": ("sm_",), "rocm": ("gfx",), "cpu": ("cpu",)}
 
@@ -44,6 +60,9 @@ class LintReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def add(self, location: str, kind: str, message: str) -> None:
+        self.problems.append(LintProblem(location, kind, message))
+
     def as_dict(self) -> dict:
         return {
             "ok": self.ok,
@@ -54,34 +73,64 @@ class LintReport:
 
 
 def lint_files(paths: Sequence[str | os.PathLike] | None = None, *, registry: Registry = REGISTRY) -> LintReport:
-    """Lint ``paths`` (shipped files when None), all together as one rule set."""
+    """Lint ``paths`` (shipped files when None), all together as one rule set.
+
+    User files are also checked against the shipped rules' ids."""
     registry.ensure_loaded()
+    linting_shipped = not paths
     files = [str(p) for p in (paths if paths else shipped_rule_files())]
     report = LintReport(files=files)
     all_rules: list[Rule] = []
     seen: dict[str, str] = {}
     for path in files:
-        try:
-            rules = load_rule_file(path, registry=registry)
-        except RuleError as e:
-            report.problems.append(LintProblem(e.location, "error", e.message))
-            continue
+        rules, errors = check_rule_file(path, registry=registry, layer="shipped" if linting_shipped else "user")
+        reported = set()
+        for error in errors:  # a shared (aliased) block is reported once, not per rule using it
+            if (error.location, error.message) not in reported:
+                reported.add((error.location, error.message))
+                report.add(error.location, "error", error.message)
         for rule in rules:
             if rule.id in seen:
-                report.problems.append(LintProblem(rule.source, "error", f"duplicate rule id {rule.id!r} (first defined at {seen[rule.id]})"))
+                report.add(rule.source, "error", f"duplicate rule id {show(rule.id)} (first defined at {seen[rule.id]})")
                 continue
             seen[rule.id] = rule.source
             all_rules.append(rule)
+    if not linting_shipped:
+        _check_shipped_ids(report, all_rules, files, registry)
     report.rules = len(all_rules)
     for rule in all_rules:
         reason = never_matches(rule, registry)
         if reason:
-            report.problems.append(LintProblem(rule.source, "never-matches", f"rule {rule.id!r} can never match: {reason}"))
+            report.add(rule.source, "never-matches", f"rule {show(rule.id)} can never match: {reason}")
     for rule, earlier in shadowed(all_rules):
-        report.problems.append(
-            LintProblem(rule.source, "shadowed", f"use rule {rule.id!r} is shadowed by {earlier.id!r} at {earlier.source}, which matches whenever it does")
-        )
+        report.add(rule.source, "shadowed", f"use rule {show(rule.id)} is shadowed by {show(earlier.id)} at {earlier.source}, which matches whenever it does")
     return report
+
+
+def _check_shipped_ids(report: LintReport, rules: Sequence[Rule], files: Sequence[str], registry: Registry) -> None:
+    """A user rule reusing a shipped rule's id (explain and the runtime refuse the pair)."""
+    linted = {_same_file_key(f) for f in files}
+    shipped: dict[str, str] = {}
+    for path in shipped_rule_files():
+        if _same_file_key(path) in linted:
+            continue
+        for rule in check_rule_file(path, registry=registry, layer="shipped")[0]:
+            shipped.setdefault(rule.id, rule.source)
+    for rule in rules:
+        if rule.id in shipped:
+            report.add(
+                rule.source, "error",
+                f"rule id {show(rule.id)} is already used by the shipped rule at {shipped[rule.id]}; "
+                "ids must be unique across layers (explain and the runtime refuse to load both)",
+            )
+
+
+def _same_file_key(path: str | os.PathLike) -> object:
+    try:
+        info = os.stat(path)
+        return (info.st_dev, info.st_ino)
+    except OSError:
+        return str(Path(path).absolute())
 
 
 def _condition_unsatisfiable(cond: Condition, registry: Registry, rule: Rule) -> str | None:
@@ -93,47 +142,69 @@ def _condition_unsatisfiable(cond: Condition, registry: Registry, rule: Rule) ->
         if spec.choices is not None:
             allowed = [v for v in spec.choices if matcher(v)]
             if not allowed:
-                return f"{cond.key} must be one of {list(spec.choices)}, condition is {matcher.text()}"
-        if spec.kind == "int" and spec.minimum is not None:
-            low = spec.minimum
-            below = (
-                (isinstance(matcher, OneOf) and all(v < low for v in matcher.values))
-                or (isinstance(matcher, Compare) and matcher.op in ("<", "<=") and not matcher(low))
-                or (isinstance(matcher, Between) and matcher.hi < low)
-            )
-            if below:
-                return f"{cond.key} is at least {low}, condition is {matcher.text()}"
+                return f"{cond.key} must be one of {list(spec.choices)}, condition is {show(matcher.text())}"
+        if spec.kind == "int":
+            outside = _outside_range(matcher, spec.minimum, getattr(spec, "maximum", None))
+            if outside:
+                return f"{cond.key} is {outside}, condition is {show(matcher.text())}"
     if cond.kind == "platform" and cond.key == "vendor" and isinstance(matcher, OneOf):
         bad = [v for v in matcher.values if v not in VENDORS]
         if bad:
             return f"vendor {bad} is not one of {list(VENDORS)}"
     if cond.kind == "lib" and isinstance(matcher, LibVersion) and matcher.spec:
-        from packaging.specifiers import SpecifierSet
-
-        if _specifier_empty(SpecifierSet(matcher.spec)):
-            return f"libs.{cond.key} {matcher.spec!r} admits no version"
+        return _specifier_unsatisfiable(cond.key, matcher.spec)
     return None
 
 
-def _specifier_empty(spec) -> bool:
-    """True when lower bounds exceed upper bounds (e.g. '>=2,<1')."""
-    from packaging.version import Version
+def _outside_range(matcher, low: int | None, high: int | None) -> str | None:
+    """Why an int condition admits no value in [low, high] (None bounds: unbounded)."""
+    if low is not None:
+        below = (
+            (isinstance(matcher, OneOf) and all(v < low for v in matcher.values))
+            or (isinstance(matcher, Compare) and matcher.op in ("<", "<=") and not matcher(low))
+            or (isinstance(matcher, Between) and matcher.hi < low)
+        )
+        if below:
+            return f"at least {low}"
+    if high is not None:
+        above = (
+            (isinstance(matcher, OneOf) and all(v > high for v in matcher.values))
+            or (isinstance(matcher, Compare) and matcher.op in (">", ">=") and not matcher(high))
+            or (isinstance(matcher, Between) and matcher.lo > high)
+        )
+        if above:
+            return f"at most {high}"
+    return None
 
+
+def _specifier_unsatisfiable(dist: str, text: str) -> str | None:
+    """Why no installed version can satisfy ``text``: lower bounds above upper bounds
+    (``>=2,<1``) or an arbitrary equality (``===x``) with text no version prints as."""
     lows, highs = [], []
-    for s in spec:
-        v = Version(s.version.replace(".*", ""))
-        if s.operator in (">", ">="):
-            lows.append((v, s.operator))
-        elif s.operator in ("<", "<="):
-            highs.append((v, s.operator))
+    for spec in SpecifierSet(text):
+        if spec.operator == "===":
+            try:
+                Version(spec.version)
+            except (InvalidVersion, ValueError):
+                return f"libs.{dist} {show(text)}: {show(spec.version)} is not a PEP 440 version, so '===' matches no installed release"
+            continue
+        try:
+            version = Version(spec.version.removesuffix(".*"))
+        except (InvalidVersion, ValueError):  # the loader refuses these; never crash lint
+            return f"libs.{dist} {show(text)}: {show(spec.version)} is not a PEP 440 version"
+        if spec.operator in (">", ">="):
+            lows.append((version, spec.operator))
+        elif spec.operator in ("<", "<="):
+            highs.append((version, spec.operator))
     for low, lop in lows:
         for high, hop in highs:
             if low > high or (low == high and (lop == ">" or hop == "<")):
-                return True
-    return False
+                return f"libs.{dist} {show(text)} admits no version"
+    return None
 
 
 def never_matches(rule: Rule, registry: Registry = REGISTRY) -> str | None:
+    """Why ``rule`` can never match (or its action never apply), or None."""
     vendors = None
     arches = None
     for cond in rule.when:
@@ -166,35 +237,3 @@ def never_matches(rule: Rule, registry: Registry = REGISTRY) -> str | None:
         if any(m.spec is None for m in matchers) and any(m.spec is not None for m in matchers):
             return f"libs.{dist} is required both absent and present"
     return None
-
-
-def _implies(general: Condition, specific_conditions: dict[tuple[str, str], Condition]) -> bool:
-    """True when every value satisfying the specific rule's condition on the same key
-    also satisfies ``general`` (conservative: unknown cases count as not implied)."""
-    specific = specific_conditions.get((general.kind, general.key))
-    if specific is None:
-        return False
-    if general.matcher == specific.matcher:
-        return True
-    if isinstance(specific.matcher, OneOf):
-        return all(general.matcher(value) for value in specific.matcher.values)
-    if isinstance(specific.matcher, Between) and isinstance(general.matcher, (Between, Compare)):
-        lo, hi = specific.matcher.lo, specific.matcher.hi
-        if hi - lo <= 4096:
-            return all(general.matcher(v) for v in range(lo, hi + 1))
-    return False
-
-
-def shadowed(rules: Sequence[Rule]) -> list[tuple[Rule, Rule]]:
-    """(rule, earlier rule) pairs where an earlier ``use`` rule always wins."""
-    out = []
-    uses = [r for r in rules if r.action.kind == "use"]
-    for i, rule in enumerate(uses):
-        conds = {(c.kind, c.key): c for c in rule.when}
-        for earlier in uses[:i]:
-            if earlier.op != rule.op:
-                continue
-            if all(_implies(cond, conds) for cond in earlier.when):
-                out.append((rule, earlier))
-                break
-    return out

@@ -1,193 +1,165 @@
 """Load rule files into frozen, validated :class:`Rule` objects.
 
-Parsing uses PyYAML's SafeLoader (never arbitrary objects) at the node level so that
-every error names ``file:line`` and says what was expected and what was got. All
-validation lives here; :func:`load_rules` is what the dispatcher, ``explain`` and
-``rules lint`` share.
+Reading and composing the YAML is bounded (:mod:`kernmux.rules.source`); the node tree
+is validated here (a rule's fields and actions), in :mod:`kernmux.rules.conditions` (its
+``when`` block) and :mod:`kernmux.rules.nodes` (values and mappings). Every problem names
+``file:line`` and says what was expected and what was got, and validation goes on after a
+problem so that one pass finds them all: :func:`check_rule_file` returns the good rules
+and every error (what ``rules lint`` shows), :func:`load_rule_file` raises the first
+error and counts the rest (what the dispatcher, ``explain`` and the vLLM plugin do).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
-from kernmux.dispatch.platform import PLATFORM_KEYS, VENDORS
-from kernmux.dispatch.registry import REGISTRY, Op, Registry
-from kernmux.dispatch.rule_model import (
-    ACTIONS,
-    COMPARATORS,
-    Action,
-    Between,
-    Compare,
-    Condition,
-    LibVersion,
-    MultipleOf,
-    OneOf,
-    Rule,
-    RuleSet,
-    TransformSpec,
-)
+from kernmux.dispatch.registry import REGISTRY, Kernel, Op, Registry
+from kernmux.dispatch.rule_model import ACTIONS, Action, Rule, RuleSet, TransformSpec
+from kernmux.rules.conditions import normalise_dist, parse_when
+from kernmux.rules.nodes import Ctx, Invalid, describe, mapping_items, peek
+from kernmux.rules.source import RuleError, compose, decode, read_bytes, show
+
+__all__ = ["RuleError", "check_rule_file", "check_rules_text", "load_rule_file", "load_rules", "normalise_dist", "parse_rules_text"]
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 TOP_LEVEL_KEYS = ("version", "rules")
 RULE_KEYS = ("id", "op", "when", *ACTIONS, "config", "split_heads", "pad_heads", "reason", "link")
 TRANSFORM_KEYS = ("split_heads", "pad_heads")
 ID_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
-RANGE_PATTERN = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
-MULTIPLE_PATTERN = re.compile(r"^(!?)%\s*(\d+)$")
+# Transforms on an op whose head feature declares no maximum are capped here: no model
+# has this many query heads on one rank, and pad_heads allocates that many per call.
+TRANSFORM_HEADS_CEILING = 1024
 SUPPORTED_VERSIONS = (1,)
-
-
-class RuleError(ValueError):
-    """A rule file is malformed. ``location`` is ``file:line``."""
-
-    def __init__(self, location: str, message: str):
-        self.location = location
-        self.message = message
-        super().__init__(f"{location}: {message}")
-
-
-@dataclass
-class _Ctx:
-    path: str
-    loader: yaml.SafeLoader
-    registry: Registry
-    layer: str
-
-    def where(self, node: yaml.Node) -> str:
-        return f"{self.path}:{node.start_mark.line + 1}"
-
-    def fail(self, node: yaml.Node, message: str) -> RuleError:
-        return RuleError(self.where(node), message)
-
-    def value(self, node: yaml.Node) -> Any:
-        return self.loader.construct_object(node, deep=True)
-
-
-def _type_name(node: yaml.Node, value: Any) -> str:
-    if isinstance(node, yaml.MappingNode):
-        return "a mapping"
-    if isinstance(node, yaml.SequenceNode):
-        return "a list"
-    if value is None:
-        return "null"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _mapping_items(ctx: _Ctx, node: yaml.Node, what: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
-    if not isinstance(node, yaml.MappingNode):
-        raise ctx.fail(node, f"{what} must be a mapping, got {_type_name(node, ctx.value(node))}")
-    items, seen = [], set()
-    for key_node, value_node in node.value:
-        key = ctx.value(key_node)
-        if not isinstance(key, str):
-            raise ctx.fail(key_node, f"{what} keys must be strings, got {key!r}")
-        if key in seen:
-            raise ctx.fail(key_node, f"duplicate key {key!r} in {what}")
-        seen.add(key)
-        items.append((key, key_node, value_node))
-    return items
+CONFIG_SCALARS = (bool, int, float, str)
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def parse_rules_text(text: str, path: str, *, registry: Registry = REGISTRY, layer: str = "user") -> list[Rule]:
-    """Parse and validate one rule file's text. Raises :class:`RuleError`."""
+def check_rules_text(text: str, path: str, *, registry: Registry = REGISTRY, layer: str = "user") -> tuple[list[Rule], list[RuleError]]:
+    """The valid rules of one file's text and every error found (in file order)."""
     registry.ensure_loaded()
-    loader = yaml.SafeLoader(text)
     try:
-        try:
-            root = loader.get_single_node()
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            line = mark.line + 1 if mark is not None else 1
-            raise RuleError(f"{path}:{line}", f"YAML syntax error: {e.problem or e}") from None
-        except yaml.YAMLError as e:
-            raise RuleError(f"{path}:1", f"YAML error: {e}") from None
-        ctx = _Ctx(path, loader, registry, layer)
+        root, loader = compose(text, path)
+    except RuleError as e:
+        return [], [e]
+    try:
         if root is None:
-            raise RuleError(f"{path}:1", "empty rule file; expected a mapping with 'version: 1' and 'rules:'")
-        try:
-            return _parse_root(ctx, root)
-        except yaml.YAMLError as e:  # e.g. an unknown tag deep inside
-            raise RuleError(f"{path}:1", f"YAML error: {e}") from None
+            return [], [RuleError(f"{path}:1", "empty rule file; expected a mapping with 'version: 1' and 'rules:'")]
+        ctx = Ctx(path, loader, registry, layer)
+        rules = ctx.attempt(_parse_root, ctx, root) or []
+        return rules, ctx.errors
     finally:
         loader.dispose()
 
 
-def _parse_root(ctx: _Ctx, root: yaml.Node) -> list[Rule]:
-    items = _mapping_items(ctx, root, "rule file")
+def _line(error: RuleError) -> int:
+    line = error.location.rpartition(":")[2]
+    return int(line) if line.isdigit() else 0
+
+
+def parse_rules_text(text: str, path: str, *, registry: Registry = REGISTRY, layer: str = "user") -> list[Rule]:
+    """Parse and validate one rule file's text. Raises the first :class:`RuleError`."""
+    rules, errors = check_rules_text(text, path, registry=registry, layer=layer)
+    _raise_first(errors)
+    return rules
+
+
+def _raise_first(errors: Sequence[RuleError]) -> None:
+    if errors:
+        first = errors[0]
+        raise RuleError(first.location, first.message, more=len(errors) - 1)
+
+
+def _parse_root(ctx: Ctx, root: yaml.Node) -> list[Rule]:
+    items = mapping_items(ctx, root, "rule file")
     keys = {key: (key_node, value_node) for key, key_node, value_node in items}
     for key, key_node, _ in items:
         if key not in TOP_LEVEL_KEYS:
-            raise ctx.fail(key_node, f"unknown top-level key {key!r}; expected {list(TOP_LEVEL_KEYS)}")
+            ctx.errors.append(ctx.fail(key_node, f"unknown top-level key {show(key)}; expected {list(TOP_LEVEL_KEYS)}"))
     if "version" not in keys:
-        raise ctx.fail(root, "missing 'version' (expected 'version: 1')")
-    version = ctx.value(keys["version"][1])
-    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
-        raise ctx.fail(keys["version"][1], f"unsupported version {version!r}; expected one of {list(SUPPORTED_VERSIONS)}")
+        ctx.errors.append(ctx.fail(root, "missing 'version' (expected 'version: 1')"))
+    else:
+        ctx.attempt(_check_version, ctx, keys["version"][1])
     if "rules" not in keys:
         raise ctx.fail(root, "missing 'rules' (expected a list of rules)")
     rules_node = keys["rules"][1]
-    if isinstance(rules_node, yaml.ScalarNode) and ctx.value(rules_node) is None:
+    if isinstance(rules_node, yaml.ScalarNode) and peek(ctx, rules_node) is None:
         return []
     if not isinstance(rules_node, yaml.SequenceNode):
-        raise ctx.fail(rules_node, f"'rules' must be a list, got {_type_name(rules_node, ctx.value(rules_node))}")
+        raise ctx.fail(rules_node, f"'rules' must be a list, got {describe(rules_node, peek(ctx, rules_node))}")
     rules, seen = [], {}
     for node in rules_node.value:
         rule = _parse_rule(ctx, node)
+        if rule is None:
+            continue
         if rule.id in seen:
-            raise ctx.fail(node, f"duplicate rule id {rule.id!r} (first defined at {seen[rule.id]})")
+            ctx.errors.append(ctx.fail(node, f"duplicate rule id {show(rule.id)} (first defined at {seen[rule.id]})"))
+            continue
         seen[rule.id] = rule.source
         rules.append(rule)
     return rules
 
 
-def _parse_rule(ctx: _Ctx, node: yaml.Node) -> Rule:
-    items = _mapping_items(ctx, node, "a rule")
+def _check_version(ctx: Ctx, node: yaml.Node) -> None:
+    version = ctx.scalar(node, "'version'")
+    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+        raise ctx.fail(node, f"unsupported version {show(version)}; expected one of {list(SUPPORTED_VERSIONS)}")
+
+
+def _parse_rule(ctx: Ctx, node: yaml.Node) -> Rule | None:
+    """The rule, or None after recording every problem found in it."""
+    errors_before = len(ctx.errors)
+    items = ctx.attempt(mapping_items, ctx, node, "a rule")
+    if items is None:
+        return None
     fields = {}
     for key, key_node, value_node in items:
         if key not in RULE_KEYS:
-            raise ctx.fail(key_node, f"unknown rule key {key!r}; expected one of {list(RULE_KEYS)}")
+            ctx.errors.append(ctx.fail(key_node, f"unknown rule key {show(key)}; expected one of {list(RULE_KEYS)}"))
+            continue
         fields[key] = (key_node, value_node)
 
     def required_str(key: str) -> str:
         if key not in fields:
             raise ctx.fail(node, f"rule is missing {key!r}")
-        value = ctx.value(fields[key][1])
+        value = ctx.scalar(fields[key][1], repr(key))
         if not isinstance(value, str) or not value.strip():
-            raise ctx.fail(fields[key][1], f"{key!r} must be a non-empty string, got {_type_name(fields[key][1], value)}")
+            raise ctx.fail(fields[key][1], f"{key!r} must be a non-empty string, got {describe(fields[key][1], value)}")
         return value.strip()
 
-    rule_id = required_str("id")
-    if not ID_PATTERN.match(rule_id):
-        raise ctx.fail(fields["id"][1], f"rule id {rule_id!r} must be kebab-case (lowercase letters, digits, '-')")
-    op_name = required_str("op")
-    if op_name not in ctx.registry.ops:
-        known = ", ".join(sorted(name for name in ctx.registry.ops))
-        raise ctx.fail(fields["op"][1], f"unknown op {op_name!r}; known ops: {known}")
-    op = ctx.registry.ops[op_name]
-    reason = required_str("reason")
-    link = required_str("link")
+    rule_id = ctx.attempt(required_str, "id")
+    if rule_id is not None and not ID_PATTERN.match(rule_id):
+        ctx.errors.append(ctx.fail(fields["id"][1], f"rule id {show(rule_id)} must be kebab-case (lowercase letters, digits, '-')"))
+    label = show(rule_id) if rule_id else "rule"
+    op = ctx.attempt(_op_of, ctx, fields, required_str)
+    reason = ctx.attempt(required_str, "reason")
+    link = ctx.attempt(required_str, "link")
 
     actions = [key for key in ACTIONS if key in fields]
+    action = None
     if not actions:
-        raise ctx.fail(node, f"rule {rule_id!r} has no action; expected exactly one of {list(ACTIONS)}")
-    if len(actions) > 1:
-        raise ctx.fail(fields[actions[1]][0], f"rule {rule_id!r} has {len(actions)} actions {actions}; expected exactly one")
-    action = _parse_action(ctx, op, actions[0], fields)
-    when = _parse_when(ctx, op, fields["when"][1]) if "when" in fields else ()
+        ctx.errors.append(ctx.fail(node, f"rule {label} has no action; expected exactly one of {list(ACTIONS)}"))
+    elif len(actions) > 1:
+        ctx.errors.append(ctx.fail(fields[actions[1]][0], f"rule {label} has {len(actions)} actions {actions}; expected exactly one"))
+    elif op is not None:
+        action = ctx.attempt(_parse_action, ctx, op, actions[0], fields)
+    when = ()
+    if op is not None and "when" in fields:
+        when = ctx.attempt(parse_when, ctx, op, fields["when"][1])
+    if len(ctx.errors) > errors_before:
+        # in line order (fields are checked in a fixed order, not the file's); stable sort
+        ctx.errors[errors_before:] = sorted(ctx.errors[errors_before:], key=_line)
+        return None
     return Rule(
         id=rule_id,
-        op=op_name,
+        op=op.name,
         when=when,
         action=action,
         reason=reason,
@@ -197,216 +169,179 @@ def _parse_rule(ctx: _Ctx, node: yaml.Node) -> Rule:
     )
 
 
-def _kernel_name(ctx: _Ctx, op: Op, node: yaml.Node) -> str:
-    name = ctx.value(node)
+def _op_of(ctx: Ctx, fields: dict, required_str: Callable[[str], str]) -> Op:
+    op_name = required_str("op")
+    if op_name not in ctx.registry.ops:
+        known = ", ".join(sorted(ctx.registry.ops))
+        raise ctx.fail(fields["op"][1], f"unknown op {show(op_name)}; known ops: {known}")
+    return ctx.registry.ops[op_name]
+
+
+def _kernel_name(ctx: Ctx, op: Op, node: yaml.Node) -> str:
+    name = ctx.scalar(node, "a kernel name")
     if not isinstance(name, str):
-        raise ctx.fail(node, f"kernel name must be a string, got {_type_name(node, name)}")
+        raise ctx.fail(node, f"kernel name must be a string, got {describe(node, name)}")
     kernels = ctx.registry.kernels.get(op.name, {})
     if name not in kernels:
-        raise ctx.fail(node, f"unknown kernel {name!r} for op {op.name!r}; known kernels: {', '.join(sorted(kernels))}")
+        raise ctx.fail(node, f"unknown kernel {show(name)} for op {op.name!r}; known kernels: {', '.join(sorted(kernels))}")
     return name
 
 
-def _positive_int(ctx: _Ctx, node: yaml.Node, key: str) -> int:
-    value = ctx.value(node)
+def _transform(ctx: Ctx, op: Op, node: yaml.Node, key: str) -> int:
+    """A head count for ``split_heads``/``pad_heads``: positive, at most the op's heads."""
+    value = ctx.scalar(node, repr(key))
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ctx.fail(node, f"{key!r} must be a positive integer, got {_type_name(node, value)}")
+        raise ctx.fail(node, f"{key!r} must be a positive integer, got {describe(node, value)}")
+    if op.head_axes is None:
+        return value  # reported once by _parse_action
+    feature = op.head_axes.feature
+    maximum = getattr(op.spec(feature), "maximum", None)
+    upper = maximum if maximum is not None else TRANSFORM_HEADS_CEILING
+    if value > upper:
+        where = f"the most {feature!r} {op.name} takes" if maximum is not None else f"kernmux's ceiling for ops that declare no maximum {feature!r}"
+        raise ctx.fail(node, f"{key!r}: {show(value)} is more than {upper}, {where}; expected 1..{upper}")
     return value
 
 
-def _parse_config(ctx: _Ctx, op: Op, node: yaml.Node) -> dict[str, Any]:
-    config = {}
-    for key, _, value_node in _mapping_items(ctx, node, "'config'"):
-        value = ctx.value(value_node)
-        if isinstance(value, (dict, list)):
-            raise ctx.fail(value_node, f"config value {key!r} must be a scalar, got {_type_name(value_node, value)}")
-        if isinstance(value, str) and value.startswith("$") and value[1:] not in op.feature_names:
-            raise ctx.fail(value_node, f"config {key!r} refers to unknown feature {value!r}; features of {op.name}: {', '.join(op.feature_names)}")
-        config[key] = value
+def _parse_config(ctx: Ctx, op: Op, kernel: Kernel | None, node: yaml.Node) -> dict[str, Any]:
+    """Config keys and values checked against ``kernel``'s config space ("$feature"
+    values stand for the problem's feature and are checked to name one)."""
+    config: dict[str, Any] = {}
+    items = mapping_items(ctx, node, "'config'")
+    space = kernel.config_space if kernel is not None else None
+    if kernel is not None and not space and items:
+        raise ctx.fail(node, f"kernel {kernel.name!r} of {op.name} takes no config; got keys {[show(k) for k, _, _ in items[:8]]}")
+    for key, key_node, value_node in items:
+        value = ctx.attempt(_config_value, ctx, op, kernel, key, key_node, value_node)
+        if value is not None:
+            config[key] = value
     return config
 
 
-def _parse_action(ctx: _Ctx, op: Op, kind: str, fields: dict) -> Action:
+def _config_value(ctx: Ctx, op: Op, kernel: Kernel | None, key: str, key_node: yaml.Node, node: yaml.Node) -> Any:
+    value = ctx.scalar(node, f"config value {show(key)}")
+    if type(value) not in CONFIG_SCALARS:
+        raise ctx.fail(node, f"config value {show(key)} must be a number, string or bool, got {describe(node, value)}")
+    space = kernel.config_space if kernel is not None else None
+    if space and key not in space:
+        raise ctx.fail(key_node, f"unknown config key {show(key)} for kernel {kernel.name!r}; expected one of {', '.join(space)}")
+    if isinstance(value, str) and value.startswith("$"):
+        if value[1:] not in ctx.features(op):
+            raise ctx.fail(node, f"config {show(key)} refers to unknown feature {show(value)}; features of {op.name}: {', '.join(op.feature_names)}")
+        return value
+    if space and not any(type(choice) is type(value) and choice == value for choice in space[key]):
+        choices = ", ".join(show(c) for c in space[key])
+        raise ctx.fail(node, f"config {key}={show(value)} is not in the config space of kernel {kernel.name!r}; expected one of {choices} (or '$feature')")
+    return value
+
+
+def _parse_action(ctx: Ctx, op: Op, kind: str, fields: dict) -> Action:
     key_node, node = fields[kind]
-    config: dict[str, Any] = {}
-    transform: dict[str, int] = {}
+    errors_before = len(ctx.errors)
+    kernels_of_op = ctx.registry.kernels.get(op.name, {})
     if kind == "allow_precision":
         return _parse_allow_precision(ctx, op, fields)
     if kind in ("prefer", "deny"):
         for extra in ("config", *TRANSFORM_KEYS):
             if extra in fields:
-                raise ctx.fail(fields[extra][0], f"{extra!r} is only allowed with 'use' or 'adapt', not with {kind!r}")
+                ctx.errors.append(ctx.fail(fields[extra][0], f"{extra!r} is only allowed with 'use' or 'adapt', not with {kind!r}"))
         if isinstance(node, yaml.ScalarNode):
-            kernels = (_kernel_name(ctx, op, node),)
+            kernels = (ctx.attempt(_kernel_name, ctx, op, node),)
         elif isinstance(node, yaml.SequenceNode) and node.value:
-            kernels = tuple(_kernel_name(ctx, op, item) for item in node.value)
+            kernels = tuple(ctx.attempt(_kernel_name, ctx, op, item) for item in node.value)
         else:
             raise ctx.fail(node, f"{kind!r} expects a kernel name or a non-empty list of kernel names")
+        if len(ctx.errors) > errors_before:
+            raise Invalid
         return Action(kind, kernels)
 
     # use / adapt: a kernel name, or a mapping {kernel, config?, split_heads?, pad_heads?}
+    config_nodes: list[yaml.Node] = []
+    transform_nodes: dict[str, yaml.Node] = {}
+    kernel = None
     if isinstance(node, yaml.MappingNode):
-        sub = {key: value_node for key, _, value_node in _mapping_items(ctx, node, f"{kind!r}")}
-        for key, sub_key_node, _ in _mapping_items(ctx, node, f"{kind!r}"):
+        sub = {}
+        for key, sub_key_node, value_node in mapping_items(ctx, node, repr(kind)):
             if key not in ("kernel", "config", *TRANSFORM_KEYS):
-                raise ctx.fail(sub_key_node, f"unknown key {key!r} in {kind!r}; expected kernel, config, split_heads, pad_heads")
+                ctx.errors.append(ctx.fail(sub_key_node, f"unknown key {show(key)} in {kind!r}; expected kernel, config, split_heads, pad_heads"))
+            sub[key] = value_node
         if "kernel" not in sub:
-            raise ctx.fail(node, f"{kind!r} mapping needs 'kernel'")
-        kernel = _kernel_name(ctx, op, sub["kernel"])
+            ctx.errors.append(ctx.fail(node, f"{kind!r} mapping needs 'kernel'"))
+        else:
+            kernel = ctx.attempt(_kernel_name, ctx, op, sub["kernel"])
         if "config" in sub:
-            config = _parse_config(ctx, op, sub["config"])
-        for key in TRANSFORM_KEYS:
-            if key in sub:
-                transform[key] = _positive_int(ctx, sub[key], key)
+            config_nodes.append(sub["config"])
+        transform_nodes.update({key: sub[key] for key in TRANSFORM_KEYS if key in sub})
     elif isinstance(node, yaml.ScalarNode):
-        kernel = _kernel_name(ctx, op, node)
+        kernel = ctx.attempt(_kernel_name, ctx, op, node)
     else:
         raise ctx.fail(node, f"{kind!r} expects a kernel name or a mapping with 'kernel'")
     if "config" in fields:
-        config.update(_parse_config(ctx, op, fields["config"][1]))
-    for key in TRANSFORM_KEYS:
-        if key in fields:
-            transform[key] = _positive_int(ctx, fields[key][1], key)
-    if kind == "adapt" and not config and not transform:
-        raise ctx.fail(node, "'adapt' must attach a config or a transform (split_heads / pad_heads)")
-    if transform and op.head_axes is None:
-        raise ctx.fail(key_node, f"op {op.name!r} declares no head axis, so split_heads/pad_heads cannot apply")
+        config_nodes.append(fields["config"][1])
+    transform_nodes.update({key: fields[key][1] for key in TRANSFORM_KEYS if key in fields})
+
+    kernel_obj = kernels_of_op.get(kernel) if kernel is not None else None
+    config: dict[str, Any] = {}
+    for config_node in config_nodes:
+        config.update(ctx.attempt(_parse_config, ctx, op, kernel_obj, config_node) or {})
+    transform: dict[str, int] = {}
+    if transform_nodes and op.head_axes is None:
+        ctx.errors.append(ctx.fail(key_node, f"op {op.name!r} declares no head axis, so split_heads/pad_heads cannot apply"))
+    for key, transform_node in transform_nodes.items():
+        value = ctx.attempt(_transform, ctx, op, transform_node, key)
+        if value is not None:
+            transform[key] = value
+    if kind == "adapt" and not config_nodes and not transform_nodes:
+        ctx.errors.append(ctx.fail(node, "'adapt' must attach a config or a transform (split_heads / pad_heads)"))
+    if len(ctx.errors) > errors_before:
+        raise Invalid
     return Action(kind, (kernel,), config, TransformSpec(**transform))
 
 
-def _parse_allow_precision(ctx: _Ctx, op: Op, fields: dict) -> Action:
+def _parse_allow_precision(ctx: Ctx, op: Op, fields: dict) -> Action:
     """``allow_precision: W4A4`` or ``[W4A4, ...]``: classes the op declares, not its
     reference class (always allowed)."""
+    errors_before = len(ctx.errors)
     for extra in ("config", *TRANSFORM_KEYS):
         if extra in fields:
-            raise ctx.fail(fields[extra][0], f"{extra!r} is only allowed with 'use' or 'adapt', not with 'allow_precision'")
+            ctx.errors.append(ctx.fail(fields[extra][0], f"{extra!r} is only allowed with 'use' or 'adapt', not with 'allow_precision'"))
     node = fields["allow_precision"][1]
     items = node.value if isinstance(node, yaml.SequenceNode) else [node]
     if not items or not all(isinstance(item, yaml.ScalarNode) for item in items):
         raise ctx.fail(node, "'allow_precision' expects a precision class name or a non-empty list of them")
     precisions = []
     for item in items:
-        name = ctx.value(item)
+        name = ctx.scalar(item, "a precision class")
         if name == op.precision:
-            raise ctx.fail(item, f"{name!r} is the reference class of {op.name!r}, always allowed; name a coarser class ({', '.join(op.precision_classes) or 'none declared'})")
-        if not isinstance(name, str) or name not in op.precision_classes:
+            ctx.errors.append(ctx.fail(item, f"{show(name)} is the reference class of {op.name!r}, always allowed; name a coarser class ({', '.join(op.precision_classes) or 'none declared'})"))
+        elif not isinstance(name, str) or name not in op.precision_classes:
             declared = ", ".join(op.precision_classes) or f"none: every kernel of {op.name} computes its reference class {op.precision!r}"
-            raise ctx.fail(item, f"unknown precision class {name!r} for op {op.name!r}; declared classes: {declared}")
-        precisions.append(name)
-    return Action("allow_precision", (), precisions=tuple(precisions))
-
-
-def _parse_when(ctx: _Ctx, op: Op, node: yaml.Node) -> tuple[Condition, ...]:
-    conditions = []
-    for key, key_node, value_node in _mapping_items(ctx, node, "'when'"):
-        if key == "libs":
-            for dist, _, spec_node in _mapping_items(ctx, value_node, "'libs'"):
-                conditions.append(Condition("lib", dist, _parse_lib_spec(ctx, dist, spec_node)))
-        elif key in PLATFORM_KEYS:
-            kind = "int" if key == "units" else "str"
-            matcher = _parse_matcher(ctx, key, kind, value_node)
-            if key == "vendor" and isinstance(matcher, OneOf):
-                for vendor in matcher.values:
-                    if vendor not in VENDORS:
-                        raise ctx.fail(value_node, f"unknown vendor {vendor!r}; expected one of {list(VENDORS)}")
-            conditions.append(Condition("platform", key, matcher))
-        elif key in op.feature_names:
-            spec = op.spec(key)
-            conditions.append(Condition("feature", key, _parse_matcher(ctx, key, spec.kind, value_node)))
+            ctx.errors.append(ctx.fail(item, f"unknown precision class {show(name)} for op {op.name!r}; declared classes: {declared}"))
         else:
-            raise ctx.fail(
-                key_node,
-                f"unknown condition key {key!r} for op {op.name!r}; expected a platform key "
-                f"({', '.join(PLATFORM_KEYS)}), 'libs', or a feature ({', '.join(op.feature_names)})",
-            )
-    return tuple(conditions)
-
-
-def _parse_lib_spec(ctx: _Ctx, dist: str, node: yaml.Node) -> LibVersion:
-    value = ctx.value(node)
-    if value is None:
-        return LibVersion(None)
-    if not isinstance(value, str):
-        raise ctx.fail(node, f"libs.{dist} must be a PEP 440 specifier string or null, got {_type_name(node, value)}")
-    text = value.strip()
-    if text in ("", "*"):
-        return LibVersion("")
-    try:
-        SpecifierSet(text)
-    except InvalidSpecifier:
-        raise ctx.fail(node, f"libs.{dist}: {value!r} is not a PEP 440 specifier (e.g. '>=0.1.12', '<0.1.22,>=0.1.9')") from None
-    return LibVersion(text)
-
-
-def _scalar_of_kind(ctx: _Ctx, key: str, kind: str, node: yaml.Node, value: Any) -> Any:
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ctx.fail(node, f"{key!r} expects an integer (or a comparison such as '<16' or '16..64'), got {_type_name(node, value)}")
-    elif kind == "bool":
-        if not isinstance(value, bool):
-            raise ctx.fail(node, f"{key!r} expects true or false, got {_type_name(node, value)}")
-    elif not isinstance(value, str):
-        raise ctx.fail(node, f"{key!r} expects a string, got {_type_name(node, value)}")
-    return value
-
-
-def _parse_matcher(ctx: _Ctx, key: str, kind: str, node: yaml.Node):
-    if isinstance(node, yaml.SequenceNode):
-        if not node.value:
-            raise ctx.fail(node, f"{key!r}: empty list can never match")
-        values = []
-        for item in node.value:
-            if not isinstance(item, yaml.ScalarNode):
-                raise ctx.fail(item, f"{key!r}: list items must be scalars")
-            values.append(_scalar_of_kind(ctx, key, kind, item, ctx.value(item)))
-        return OneOf(tuple(values))
-    if not isinstance(node, yaml.ScalarNode):
-        raise ctx.fail(node, f"{key!r} expects a scalar, a list or a comparison string, got a mapping")
-    value = ctx.value(node)
-    if isinstance(value, str):
-        text = value.strip()
-        range_match = RANGE_PATTERN.match(text)
-        if range_match:
-            if kind != "int":
-                raise ctx.fail(node, f"{key!r} is a {kind} feature; a range {text!r} only applies to integers")
-            lo, hi = int(range_match.group(1)), int(range_match.group(2))
-            return Between(lo, hi)
-        multiple = MULTIPLE_PATTERN.match(text)
-        if multiple:
-            if kind != "int":
-                raise ctx.fail(node, f"{key!r} is a {kind} feature; {text!r} (multiple of) only applies to integers")
-            divisor = int(multiple.group(2))
-            if divisor <= 0:
-                raise ctx.fail(node, f"{key!r}: divisor in {text!r} must be positive")
-            return MultipleOf(divisor, negate=bool(multiple.group(1)))
-        for op in COMPARATORS:
-            if text.startswith(op):
-                bound_text = text[len(op):].strip()
-                if kind == "int":
-                    try:
-                        bound: Any = int(bound_text)
-                    except ValueError:
-                        raise ctx.fail(node, f"{key!r}: bad comparison {text!r}; expected e.g. '<16', '>=64', '!=8', '16..64', '%32'") from None
-                elif op == "!=":
-                    bound = bound_text if kind == "str" else bound_text.lower() in ("true", "1", "yes")
-                else:
-                    raise ctx.fail(node, f"{key!r} is a {kind} feature; comparison {text!r} only applies to integers")
-                return Compare(op, bound)
-        if kind == "int" and any(ch in text for ch in "<>=!.~%"):
-            raise ctx.fail(node, f"{key!r}: bad comparator in {text!r}; expected one of <, <=, >, >=, !=, a range 'lo..hi' or '%N' / '!%N' (multiple of N)")
-    return OneOf((_scalar_of_kind(ctx, key, kind, node, value),))
+            precisions.append(name)
+    if len(ctx.errors) > errors_before:
+        raise Invalid
+    return Action("allow_precision", (), precisions=tuple(precisions))
 
 
 # --------------------------------------------------------------------------- files
 
 
-def load_rule_file(path: str | os.PathLike, *, registry: Registry = REGISTRY, layer: str = "user") -> list[Rule]:
-    path = Path(path)
+def check_rule_file(path: str | os.PathLike, *, registry: Registry = REGISTRY, layer: str = "user") -> tuple[list[Rule], list[RuleError]]:
+    """The valid rules of a file and every problem found in it (reading included)."""
+    name = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RuleError(f"{path}:0", f"cannot read rule file: {e.strerror or e}") from None
-    return parse_rules_text(text, str(path), registry=registry, layer=layer)
+        text = decode(read_bytes(name), name)
+    except RuleError as e:
+        return [], [e]
+    return check_rules_text(text, name, registry=registry, layer=layer)
+
+
+def load_rule_file(path: str | os.PathLike, *, registry: Registry = REGISTRY, layer: str = "user") -> list[Rule]:
+    """The rules of one file; raises the first :class:`RuleError` (counting the others)."""
+    rules, errors = check_rule_file(path, registry=registry, layer=layer)
+    _raise_first(errors)
+    return rules
 
 
 def shipped_rule_files() -> list[Path]:
@@ -434,22 +369,22 @@ def load_rules(
     if include_shipped:
         files += [(p, "shipped") for p in shipped_rule_files()]
     rules: list[Rule] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, Rule] = {}
     for path, layer in files:
         for rule in load_rule_file(path, registry=registry, layer=layer):
-            if rule.id in seen:
-                raise RuleError(rule.source, f"duplicate rule id {rule.id!r} (first defined at {seen[rule.id]})")
-            seen[rule.id] = rule.source
+            first = seen.get(rule.id)
+            if first is not None and first.layer != rule.layer:  # name the user's rule: theirs to rename
+                raise RuleError(first.source, f"rule id {rule.id!r} is already used by the {rule.layer} rule at {rule.source}; ids must be unique across layers")
+            if first is not None:
+                raise RuleError(rule.source, f"duplicate rule id {rule.id!r} (first defined at {first.source})")
+            seen[rule.id] = rule
             rules.append(rule)
     return RuleSet(tuple(rules), tuple(str(p) for p, _ in files))
 
 
 def iter_errors(paths: Iterable[str | os.PathLike], *, registry: Registry = REGISTRY) -> list[RuleError]:
-    """Every file's first error (lint reports all files, not just the first bad one)."""
+    """Every problem of every file (lint reports all files and all problems)."""
     errors = []
     for path in paths:
-        try:
-            load_rule_file(path, registry=registry)
-        except RuleError as e:
-            errors.append(e)
+        errors += check_rule_file(path, registry=registry)[1]
     return errors

@@ -6,7 +6,15 @@ import pytest
 
 from kernmux.cli.main import main
 from kernmux.dispatch.platform import Platform
-from kernmux.rules.loader import RuleError, load_rule_file, load_rules, parse_rules_text
+from kernmux.dispatch.registry import REGISTRY
+from kernmux.rules.loader import (
+    RuleError,
+    check_rule_file,
+    load_rule_file,
+    load_rules,
+    parse_rules_text,
+)
+from kernmux.rules.source import safe_string, show
 
 GOOD_RULE = """
   - id: ok-rule
@@ -135,3 +143,174 @@ def test_multiple_of_conditions():
         parse_rules_text(text.replace("dim: '!%32'", "dtype: '%2'"), "m.yaml")
     with pytest.raises(RuleError, match="bad comparator"):
         parse_rules_text(text.replace("'%16'", "'%x'"), "m.yaml")
+
+
+# --------------------------------------------------------------------------- checked values
+
+
+def one_rule(body: str, op: str = "toy_attention") -> str:
+    return f"version: 1\nrules:\n  - id: a\n    op: {op}\n{body}    reason: r\n    link: l\n"
+
+
+# (name, rule body, line the error must name, words the message must contain)
+BAD_VALUES = [
+    ("config-unknown-key", "    adapt: {kernel: chunked, config: {blok: 8}}\n", 5, "unknown config key 'blok'"),
+    ("config-value-outside-space", "    adapt: {kernel: chunked, config: {block: 0}}\n", 5, "block=0 is not in the config space of kernel 'chunked'"),
+    ("config-negative", "    adapt: {kernel: chunked, config: {block: -3}}\n", 5, "block=-3 is not in"),
+    ("config-bool-is-not-int", "    adapt: {kernel: chunked, config: {block: true}}\n", 5, "block=True is not in"),
+    ("config-set", "    adapt: {kernel: chunked, config: {block: !!set {4, 8}}}\n", 5, "must be a single value, got a set"),
+    ("config-list", "    use: chunked\n    config: {block: [4, 8]}\n", 6, "must be a single value, got a list"),
+    ("config-date", "    adapt: {kernel: chunked, config: {block: 2024-01-02}}\n", 5, "must be a number, string or bool, got date"),
+    ("config-on-kernel-without-space", "    adapt: {kernel: wide, config: {block: 8}}\n", 5, "kernel 'wide' of toy_attention takes no config"),
+    ("pad-beyond-ceiling", "    adapt: {kernel: wide, pad_heads: 1000000}\n", 5, "'pad_heads': 1000000 is more than 1024"),
+    ("split-beyond-ceiling", "    use: wide\n    split_heads: 5000\n", 6, "'split_heads': 5000 is more than 1024"),
+    ("dist-empty", "    when: {libs: {'': '>=1'}}\n    use: torch\n", 5, "is not a distribution name"),
+    ("dist-impossible", "    when: {libs: {'amd aiter!': '>=1'}}\n    use: torch\n", 5, "is not a distribution name"),
+    ("dist-not-normalised", "    when: {libs: {Amd_Aiter: '>=1'}}\n    use: torch\n", 5, "PEP 503 normalised form, 'amd-aiter'"),
+    ("specifier-huge-version", "    when: {libs: {amd-aiter: '>=1" + "0" * 5000 + "'}}\n    use: torch\n", 5, "expected at most 200"),
+    ("range-huge-int", "    when: {heads: '1.." + "9" * 5000 + "'}\n    use: torch\n", 5, "expected at most 30 digits"),
+    ("multiple-huge-int", "    when: {heads: '%" + "9" * 5000 + "'}\n    use: torch\n", 5, "expected at most 30 digits"),
+    ("compare-huge-int", "    when: {heads: '>=" + "9" * 5000 + "'}\n    use: torch\n", 5, "expected at most 30 digits"),
+    ("yaml-huge-int", "    when: {heads: " + "9" * 5000 + "}\n    use: torch\n", 5, "integer literal of 5000 digits"),
+    ("timestamp-out-of-range", "    when: {dtype: 2024-13-45}\n    use: torch\n", 5, "cannot read '2024-13-45'"),
+    # libyaml refuses the escape itself; PyYAML's pure-Python parser builds the surrogate
+    ("lone-surrogate-in-reason", "    use: torch\n    reason: \"x \\ud800 y\"\n    link: l\n  - id: b\n    op: toy_attention\n    use: torch\n", 6, ("lone surrogate U+D800", "invalid Unicode character escape")),
+    ("escape-in-reason", "    use: torch\n    reason: \"\\e[31mred\"\n    link: l\n  - id: b\n    op: toy_attention\n    use: torch\n", 6, "control character U+001B"),
+]
+
+
+@pytest.mark.parametrize("name,body,line,words", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_bad_values_name_file_line(tmp_path, name, body, line, words):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(one_rule(body))
+    with pytest.raises(RuleError) as info:
+        load_rule_file(path)
+    assert info.value.location == f"{path}:{line}", str(info.value)
+    assert any(w in info.value.message for w in ((words,) if isinstance(words, str) else words)), info.value.message
+    assert len(info.value.message) < 400  # no value is printed whole
+
+
+def test_unprintable_strings_are_named_and_shown_escaped():
+    assert safe_string("plain text, tabs\tand\nnewlines") is None
+    assert safe_string("x \ud800") == "a lone surrogate U+D800 at character 2"
+    assert safe_string("\x1b[31m") == "a control character U+001B at character 0"
+    assert show("x \ud800" * 1000).isascii() and len(show("y" * 10**6)) < 100
+    assert show(10**5000) == "an integer of about 5001 digits"
+
+
+def test_transform_bounded_by_the_ops_heads_maximum(tmp_path):
+    heads = REGISTRY.op("sparse_mla_decode").spec("heads")
+    assert heads.maximum is not None
+    path = tmp_path / "pad.yaml"
+    path.write_text(one_rule("    adapt: {kernel: torch, pad_heads: 1000000}\n", op="sparse_mla_decode"))
+    with pytest.raises(RuleError, match=f"more than {heads.maximum}, the most 'heads' sparse_mla_decode takes"):
+        load_rule_file(path)
+    path.write_text(one_rule(f"    adapt: {{kernel: torch, pad_heads: {heads.maximum}}}\n", op="sparse_mla_decode"))
+    (rule,) = load_rule_file(path)
+    assert rule.action.transform.pad_heads == heads.maximum
+
+
+def test_config_in_space_and_feature_reference_load():
+    (rule,) = parse_rules_text(one_rule("    adapt: {kernel: chunked, config: {block: 16}}\n"), "x.yaml")
+    assert dict(rule.action.config) == {"block": 16}
+    (rule,) = parse_rules_text(one_rule("    use: chunked\n    config: {block: $dim}\n"), "x.yaml")
+    assert rule.action.resolved_config({"dim": 8}) == {"block": 8}
+
+
+def test_every_problem_of_a_file_is_collected(tmp_path):
+    text = (
+        "version: 1\n"
+        "rules:\n"
+        "  - id: Bad_Id\n"  # 3: not kebab-case
+        "    op: toy_attention\n"
+        "    use: torch\n"
+        "    reason: r\n"
+        "    link: l\n"
+        "  - id: b\n"
+        "    op: toy_attention\n"
+        "    when: {heads: '=>16', tokens: 4}\n"  # 10: bad comparator, unknown feature
+        "    use: cuda_magic\n"  # 11: unknown kernel
+        "    reason: r\n"
+        "    link: l\n"
+        "  - id: c\n"
+        "    op: nope\n"  # 15: unknown op
+        "    use: torch\n"
+        "    reason: r\n"
+        "    link: l\n"
+        "  - id: d\n"
+        "    op: toy_attention\n"
+        "    adapt: {kernel: chunked, config: {block: 0}}\n"  # 21: outside the space
+        "    reason: r\n"
+        "    link: l\n"
+    )
+    path = tmp_path / "six.yaml"
+    path.write_text(text)
+    rules, errors = check_rule_file(path)
+    assert rules == []
+    assert [e.location for e in errors] == [f"{path}:{n}" for n in (3, 10, 10, 11, 15, 21)], [str(e) for e in errors]
+    with pytest.raises(RuleError) as info:
+        load_rule_file(path)
+    assert info.value.more == 5 and "and 5 more problems" in str(info.value)
+
+
+def test_good_rules_survive_beside_bad_ones(tmp_path):
+    text = one_rule("    use: torch\n") + "  - id: b\n    op: toy_attention\n    use: nope\n    reason: r\n    link: l\n"
+    path = tmp_path / "mixed.yaml"
+    path.write_text(text)
+    rules, errors = check_rule_file(path)
+    assert [r.id for r in rules] == ["a"] and len(errors) == 1
+
+
+def test_merge_keys_share_fields(tmp_path):
+    text = (
+        "version: 1\n"
+        "defaults: &d {op: toy_attention, reason: shared, link: l}\n"
+        "rules:\n"
+        "  - {<<: *d, id: a, use: torch}\n"
+        "  - {<<: *d, id: b, use: chunked, reason: own}\n"
+    )
+    path = tmp_path / "merge.yaml"
+    path.write_text(text)
+    rules, errors = check_rule_file(path)
+    assert [str(e) for e in errors] == [f"{path}:2: unknown top-level key 'defaults'; expected ['version', 'rules']"]
+    assert [(r.id, r.reason) for r in rules] == [("a", "shared"), ("b", "own")]
+
+
+def test_self_merge_is_read_once(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("version: 1\nrules:\n  - &r {<<: *r, id: a, op: toy_attention, use: torch, reason: r, link: l}\n")
+    (rule,) = load_rule_file(path)  # the mapping merges itself: a no-op, not a loop
+    assert rule.id == "a"
+
+
+def test_size_limit_is_configurable(tmp_path, monkeypatch):
+    path = tmp_path / "r.yaml"
+    path.write_text(one_rule("    use: torch\n"))
+    size = path.stat().st_size
+    monkeypatch.setenv("KERNMUX_RULES_MAX_BYTES", str(size))
+    assert [r.id for r in load_rule_file(path)] == ["a"]
+    monkeypatch.setenv("KERNMUX_RULES_MAX_BYTES", str(size - 1))
+    with pytest.raises(RuleError, match=f"{path}:1: rule file is {size} bytes; the limit is {size - 1}"):
+        load_rule_file(path)
+    monkeypatch.setenv("KERNMUX_RULES_MAX_BYTES", "lots")
+    with pytest.raises(RuleError, match="KERNMUX_RULES_MAX_BYTES: expected a positive number of bytes, got 'lots'"):
+        load_rule_file(path)
+
+
+def test_node_limit_follows_the_size_limit(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERNMUX_RULES_MAX_BYTES", "100000")  # 12,500 nodes
+    path = tmp_path / "flood.yaml"
+    path.write_text("version: 1\nrules: [" + "1," * 20_000 + "1]\n")
+    with pytest.raises(RuleError, match=f"{path}:2: more than 12500 YAML nodes"):
+        load_rule_file(path)
+
+
+def test_aliases_within_budget_load(tmp_path):
+    """Sharing a block among many rules is what anchors are for: it stays within budget."""
+    text = "version: 1\nshared: &w {heads: 16, dtype: bf16}\nrules:\n" + "".join(
+        f"  - {{id: r{i}, op: toy_attention, when: *w, use: torch, reason: r, link: l}}\n" for i in range(2000)
+    )
+    path = tmp_path / "shared.yaml"
+    path.write_text(text)
+    rules, errors = check_rule_file(path)
+    assert len(rules) == 2000 and [e.message for e in errors] == ["unknown top-level key 'shared'; expected ['version', 'rules']"]

@@ -31,7 +31,7 @@ REL_TOL = 1e-3
 FEATURE_SPECS = (
     FeatureSpec("batch", "int", "requests in the batch (B)", 2),
     FeatureSpec("next_n", "int", "queries per request (1 + speculative tokens)", 1),
-    FeatureSpec("heads", "int", "indexer query heads (H)", 64),
+    FeatureSpec("heads", "int", "indexer query heads (H)", 64, maximum=128),
     FeatureSpec("head_dim", "int", "indexer head size (D)", 128),
     FeatureSpec("context", "int", "max_context: output width, upper bound of context_lens", 1000),
     FeatureSpec("block_size", "int", "tokens per page of the key cache", 64),

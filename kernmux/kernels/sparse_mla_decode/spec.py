@@ -28,7 +28,7 @@ SWEEP_DEFAULTS: dict[str, tuple[Any, ...]] = {"heads": (64, 32, 16), "extra_topk
 FEATURE_SPECS: tuple[FeatureSpec, ...] = (
     FeatureSpec("batch", "int", "decode requests B", 4, minimum=1),
     FeatureSpec("qlen", "int", "query tokens per request s_q (1, or more with MTP)", 1, minimum=1),
-    FeatureSpec("heads", "int", "query heads h_q on this rank", 64, minimum=1),
+    FeatureSpec("heads", "int", "query heads h_q on this rank", 64, minimum=1, maximum=128),
     FeatureSpec("topk", "int", "selected slots per query in the main scope", 2048, minimum=1),
     FeatureSpec("extra_topk", "int", "slots per query in the second scope (0 = one scope)", 0, minimum=0),
     FeatureSpec("d_qk", "int", "q/k head size (576 = V3.2, 512 = V4)", 576, minimum=16),
