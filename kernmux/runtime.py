@@ -9,13 +9,17 @@ that turns the environment into the objects it is handed:
   first use (:func:`kernmux.tuning_db.storage.source.open_tuning_source`); a missing database or
   missing database extra is a note in explain, never an error;
 - statistics: one INFO log line per new decision and, when ``KERNMUX_STATS_PATH`` is set,
-  per-call counters (:mod:`kernmux.stats`).
+  per-call counters (:mod:`kernmux.stats`);
+- self-check: ``KERNMUX_SELF_CHECK`` (auto | always | off), verdicts read from and written
+  to the tuning database (:mod:`kernmux.tuning_db.measurement.verdicts`), or kept in the
+  process when the database support is not installed.
 
 ``kernmux.ops``, the CLI and the vLLM plugin all get their dispatcher here.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -25,6 +29,8 @@ from kernmux.dispatch.hotpath import Dispatcher, feature_key
 from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.registry import REGISTRY, Registry
 from kernmux.dispatch.resolver import Decision
+
+log = logging.getLogger("kernmux")
 
 _DEFAULT: Dispatcher | None = None
 _DEFAULT_LOCK = threading.Lock()
@@ -63,18 +69,45 @@ def make_dispatcher(
     use_tuning_db: bool = True,
     registry: Registry = REGISTRY,
     report: bool = False,
+    run_self_checks: bool = True,
 ) -> Dispatcher:
     """A dispatcher over the configured rules and tuning database.
 
     report: log each new decision and keep it for the statistics dump (the process-wide
-    dispatcher does; what-if dispatchers of ``explain`` do not)."""
-    return Dispatcher(
+    dispatcher does; what-if dispatchers of ``explain`` do not).
+    run_self_checks: check a chosen kernel before its first use (the process-wide
+    dispatcher); False: only read recorded verdicts (``explain``)."""
+    dispatcher = Dispatcher(
         registry=registry,
         platform=platform,
         rules=rules_factory(rule_files, registry),
         tuning=tuning_factory(db_url) if use_tuning_db else None,
         listeners=(report_decision,) if report else (),
     )
+    dispatcher.selfcheck = self_check(dispatcher, db_url if use_tuning_db else None, run_self_checks,
+                                      use_tuning_db, registry)
+    return dispatcher
+
+
+def self_check(dispatcher: Dispatcher, db_url: str | None, run: bool, use_db: bool, registry: Registry) -> Any:
+    """The dispatcher's self-check: mode from ``KERNMUX_SELF_CHECK``, verdicts in the
+    tuning database when its support is installed."""
+    from kernmux.dispatch.selfcheck import SelfCheck, mode_from_env
+
+    try:
+        mode = mode_from_env()
+    except ValueError as e:
+        log.warning("kernmux: %s; using auto", e)
+        mode = "auto"
+    store = None
+    if use_db and mode != "off":
+        try:
+            from kernmux.tuning_db.measurement.verdicts import DatabaseVerdicts
+        except ImportError as e:
+            log.info("kernmux: self-check verdicts kept in this process (%s not installed)", e.name)
+        else:
+            store = DatabaseVerdicts(lambda: dispatcher.tuning, db_url, registry)
+    return SelfCheck(mode, store, run=run)
 
 
 def default_dispatcher() -> Dispatcher:

@@ -21,7 +21,7 @@ from typing import Any
 from kernmux.dispatch.platform import Platform
 from kernmux.tuning_db.storage.errors import InvalidTrialError
 
-STATUSES = ("ok", "numerics_failed", "crashed", "timeout", "error", "unsupported")
+STATUSES = ("ok", "numerics_failed", "crashed", "timeout", "error", "unsupported", "verified")
 # Statuses that mean "this kernel/config gave a wrong answer or did not finish".
 FAILURE_STATUSES = ("numerics_failed", "crashed", "timeout", "error")
 

@@ -37,7 +37,8 @@ CHECK_INTERVAL_S = 1.0
 
 @dataclass(frozen=True)
 class _Row:
-    """The columns a decision needs (no features/metrics: they are not used to choose)."""
+    """The columns a decision needs (metrics and error: explain shows why a kernel's
+    numerics failed)."""
 
     id: int
     fingerprint: str
@@ -52,13 +53,17 @@ class _Row:
     created_at: Any
     study: str | None
     trial_number: int | None
+    metrics: Mapping[str, Any]
+    error: str | None
 
 
 _COLUMNS = (
     Trial.op, Trial.bucket_key, Trial.id, Trial.fingerprint, Trial.kernel, Trial.config,
     Trial.status, Trial.p50_us, Trial.p20_us, Trial.p80_us, Trial.reps, Trial.libs,
-    Trial.created_at, Trial.study, Trial.trial_number,
+    Trial.created_at, Trial.study, Trial.trial_number, Trial.metrics, Trial.error,
 )
+# Loaded: rows that decide (ok), rows that exclude (failures) and self-check passes.
+LOADED_STATUSES = ("ok", "verified", *FAILURE_STATUSES)
 
 
 class TuningSource:
@@ -84,7 +89,7 @@ class TuningSource:
     def _load(self) -> None:
         # Stamp first: a row inserted during the load shows up at the next check.
         stamp = self.store.change_stamp()
-        query = sa.select(*_COLUMNS).where(Trial.status.in_(("ok", *FAILURE_STATUSES)))
+        query = sa.select(*_COLUMNS).where(Trial.status.in_(LOADED_STATUSES))
         index: dict[tuple[str, str], list[_Row]] = defaultdict(list)
         with self.store.session_scope() as session:
             for op, key, *rest in session.execute(query):
@@ -137,6 +142,11 @@ class TuningSource:
             detail=f"{describe_row(row)} [{self.url}]",
         )
         return pick, notes
+
+    def rows_of(self, op: str, bucket: Mapping[str, Any]) -> list[_Row]:
+        """Every loaded row of (op, bucket), any platform (callers filter)."""
+        self.refresh()
+        return list(self._index.get((op, bucket_key(bucket)), []))
 
     def close(self) -> None:
         self.store.close()
