@@ -30,13 +30,20 @@ log="$OUT/gpu_test_run_${tag:-cpu}.log"
 } | tee "$OUT/gpu_env.txt"
 workers=""
 python3 -c "import xdist" 2>/dev/null && workers="-n ${GPU_SUITE_WORKERS:-6}"
-python3 -m pytest -q -p no:cacheprovider -m "not slow" $workers -ra "$@" tests 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
+# Tests marked gpu first, alone on the GPU (some time kernels: nothing may run beside
+# them); then everything else, several processes at once.
+python3 -m pytest -q -p no:cacheprovider -m "gpu and not slow" -ra "$@" tests 2>&1 | tee "$log"
+gpu_status=${PIPESTATUS[0]}
+gpu_summary="$(tail -n 1 "$log")"
+python3 -m pytest -q -p no:cacheprovider -m "not slow and not gpu" $workers -ra "$@" tests 2>&1 | tee -a "$log"
+rest_status=${PIPESTATUS[0]}
+status=$(( gpu_status > rest_status ? gpu_status : rest_status ))
 {
   cat "$OUT/gpu_env.txt"
-  echo "command: python3 -m pytest -q -p no:cacheprovider -m \"not slow\" $workers -ra $* tests"
-  echo "exit: $status"
-  grep -E "^(FAILED|ERROR) " "$log" | head -50
-  tail -n 1 "$log"
+  echo "command 1: python3 -m pytest -q -p no:cacheprovider -m \"gpu and not slow\" -ra $* tests"
+  echo "result 1: $gpu_summary (exit $gpu_status)"
+  echo "command 2: python3 -m pytest -q -p no:cacheprovider -m \"not slow and not gpu\" $workers -ra $* tests"
+  echo "result 2: $(tail -n 1 "$log") (exit $rest_status)"
+  grep -E "^(FAILED|ERROR) " "$log" | sort -u | head -50
 } > "$OUT/gpu_test_run_${tag:-cpu}.txt"
 exit "$status"

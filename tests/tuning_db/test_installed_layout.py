@@ -24,7 +24,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def _python(site: pathlib.Path, cwd: pathlib.Path, *argv: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(site)
+    # The installed copy first; then what the environment had beyond this checkout (a
+    # machine may carry the database extra outside site-packages), never the checkout.
+    keep = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and pathlib.Path(p).resolve() != ROOT]
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *keep])
     return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

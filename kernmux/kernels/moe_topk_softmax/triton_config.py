@@ -36,8 +36,12 @@ def block_e(experts: int) -> int:
 
 
 def config_valid(config: Mapping[str, Any], features: Mapping[str, Any]) -> bool:
-    """False for configs that would spill registers, idle warps or overshoot the tokens."""
+    """False for configs that would spill registers, idle warps or overshoot the tokens.
+
+    Keys the config leaves out are the launcher's heuristic ones (an empty config is the
+    heuristic default), so a partial config is judged as it will run."""
     width = block_e(int(features["experts"]))
+    config = {**heuristic_config(max(1, int(features["tokens"])), int(features["experts"])), **config}
     rows, warps = int(config["rows"]), int(config["num_warps"])
     elems = rows * width
     if elems > _MAX_ELEMS_PER_THREAD * 32 * warps:
