@@ -35,6 +35,7 @@ run: setup
 
 test: setup-dev
 	bash scripts/vllm_env.sh
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -ra
 
 # Without the vLLM end-to-end and other slow tests.

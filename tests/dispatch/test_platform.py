@@ -86,3 +86,42 @@ def test_entry_point_plugins_load_and_failures_are_reasons(monkeypatch):
     registry.ensure_loaded()
     assert calls == ["good"]
     assert "no module named vendor_kernels" in registry.plugin_errors["broken"]
+
+
+def test_a_rule_on_any_installed_distribution_matches_without_a_list():
+    """No list of tracked libraries: a rule naming pyyaml (which kernmux never lists)
+    matches where it is installed, and a missing one does not."""
+    from kernmux.dispatch.resolver import resolve
+    from kernmux.rules.loader import parse_rules_text
+    from kernmux.dispatch.rule_model import RuleSet
+
+    text = """version: 1
+rules:
+  - id: pyyaml-present
+    op: toy_attention
+    when: {libs: {pyyaml: ">=1"}}
+    use: chunked
+    reason: test
+    link: https://example.org/a
+  - id: absent-dist
+    op: toy_attention
+    when: {libs: {no-such-distribution-kmx: ">=0"}}
+    use: wide
+    reason: test
+    link: https://example.org/b
+"""
+    rules = RuleSet(tuple(parse_rules_text(text, "t.yaml")))
+    plat = Platform.detect()
+    assert lib_version("pyyaml") is not None
+    decision = resolve("toy_attention", {"batch": 2, "heads": 8, "keys": 16, "dim": 8, "sink": False,
+                                         "dtype": "fp32", "device": "cpu"}, plat, rules, force={})
+    assert (decision.kernel, decision.rule) == ("chunked", "pyyaml-present")
+    assert [rid for rid, _ in decision.rules] == ["pyyaml-present"]
+
+
+def test_a_kernel_requiring_an_unlisted_distribution_is_available_when_installed():
+    plat = Platform.detect()
+    assert Kernel(op="o", name="k", impl=print, requires={"pyyaml": ">=1"}).availability(plat).ok
+    assert Kernel(op="o", name="k", impl=print, requires={"packaging": ""}).availability(plat).ok
+    missing = Kernel(op="o", name="k", impl=print, requires={"no-such-distribution-kmx": ""}).availability(plat)
+    assert missing.reason == "no-such-distribution-kmx not installed"
