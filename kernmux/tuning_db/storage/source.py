@@ -178,12 +178,12 @@ class TuningSource:
         that config for the asked problem, the next nearest bucket is tried."""
         self.refresh()
         asked = {k: (features[k] if k in numeric and k in features else v) for k, v in bucket.items()}
-        own = bucket_key(bucket)
-        within, beyond = nearest_buckets(asked, self._buckets.get(op, ()), numeric, max_distance, exclude=own)
+        index, buckets = self._index, self._buckets  # one load's view, even if another lands meanwhile
+        within, beyond = nearest_buckets(asked, buckets.get(op, ()), numeric, max_distance, exclude=bucket_key(bucket))
         notes: list[str] = []
         skipped = 0
         for neighbour in within:
-            row, _ = choose_best(self._index.get((op, neighbour.key), []), platform, allowed)
+            row, _ = choose_best(index.get((op, neighbour.key), []), platform, allowed)
             if row is None:
                 continue
             problem = config_ok(row.kernel, row.config)
@@ -193,8 +193,6 @@ class TuningSource:
                     notes.append(f"nearest bucket {neighbour.key} (distance {neighbour.distance:.2f}) skipped: "
                                  f"its winner {row.kernel} {dict(row.config)}: {problem}")
                 continue
-            if skipped > 3:
-                notes.append(f"{skipped - 3} more nearer buckets skipped for configs not valid here")
             text = borrowed_text(asked, neighbour, numeric)
             pick = TuningPick(
                 kernel=row.kernel,
@@ -205,7 +203,8 @@ class TuningSource:
                 borrowed_from={k: neighbour.bucket[k] for k in bucket},  # the op's feature order
                 distance=round(neighbour.distance, 4),
             )
-            return pick, notes
+            return pick, _with_more(notes, skipped)
+        notes = _with_more(notes, skipped)
         if within:
             notes.append(f"no usable row in the {len(within)} tuned bucket(s) within distance {max_distance:g}")
         elif beyond is not None:
@@ -220,6 +219,12 @@ class TuningSource:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _with_more(notes: list[str], skipped: int) -> list[str]:
+    if skipped > 3:
+        notes.append(f"{skipped - 3} more nearer bucket(s) skipped for configs not valid here")
+    return notes
 
 
 def open_source(url: str | None = None, *, check_interval_s: float = CHECK_INTERVAL_S) -> TuningSource | None:
