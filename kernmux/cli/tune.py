@@ -121,7 +121,7 @@ def run(args) -> int:
     if args.from_stats:
         from kernmux.cli.tune_from_stats import run_from_stats
 
-        return run_from_stats(args, _ProgressPrinter())
+        return run_from_stats(args, _ProgressPrinter(), settings_from_args, _shown_url)
     if args.op is None:
         return fail("name an op to tune, or give --from-stats FILE")
     if args.top is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from kernmux.cli.common import UsageError, fail, format_features, get_op, print_json, table
@@ -47,11 +48,14 @@ def _plan(args) -> tuple[list[Any], list[dict[str, Any]]]:
     return chosen, skipped
 
 
-def run_from_stats(args, progress: Any) -> int:
-    """Tune the recorded problems; exit 0 when every one got a validated winner."""
+def run_from_stats(args, progress: Any, settings_from_args: Callable[..., Any], shown_url: Callable[[str | None], str]) -> int:
+    """Tune the recorded problems; exit 0 when every one got a validated winner.
+
+    progress: the tune command's progress printer; settings_from_args(args, op, kernels):
+    its tuner settings; shown_url(url): the database as printed (handed in by
+    :mod:`kernmux.cli.tune`, so that both paths share them)."""
     import importlib
 
-    from kernmux.cli.tune import settings_from_args
     from kernmux.tuning_db.storage.errors import TuningDBError
     from kernmux.tuning_db.tuning.from_stats import StatsFileError, runs_in_order
     from kernmux.tuning_db.tuning.tuner import TuneError, tune
@@ -82,16 +86,12 @@ def run_from_stats(args, progress: Any) -> int:
         return fail(f"tuning failed: {e}", 1)
 
     if args.json:
-        from kernmux.cli.tune import _shown_url
-
         print_json({
-            "from_stats": list(args.from_stats), "db": _shown_url(args.db),
+            "from_stats": list(args.from_stats), "db": shown_url(args.db),
             "skipped": skipped,
             "results": [{"op": p.op, "calls": p.calls, **r.as_dict()} for p, r in results],
         })
     else:
-        from kernmux.cli.tune import _fmt, _shown_url
-
         rows = []
         for problem, r in results:
             cfg = json.dumps(r.best_config, sort_keys=True) if r.best_config else "-"
@@ -99,8 +99,8 @@ def run_from_stats(args, progress: Any) -> int:
             rows.append([
                 problem.op, format_features({k: v for k, v in r.features.items() if k != "device"}),
                 "?" if problem.calls is None else problem.calls, r.best_kernel or "(none)", cfg,
-                _fmt(r.best_p50_us), "-" if r.speedup is None else f"{r.speedup:.2f}x", f"{r.rows - failed}/{failed}",
+                "-" if r.best_p50_us is None else f"{r.best_p50_us:.2f}", "-" if r.speedup is None else f"{r.speedup:.2f}x", f"{r.rows - failed}/{failed}",
             ])
         print(table(rows, ["op", "features", "calls", "best", "config", "p50 us", "speed-up", "ok/failed"]))
-        print(f"database: {_shown_url(args.db)}")
+        print(f"database: {shown_url(args.db)}")
     return 0 if all(r.best_kernel for _, r in results) else 1
