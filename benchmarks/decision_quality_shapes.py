@@ -1,10 +1,11 @@
 """Training sweeps and held-out shape ranges of ``benchmarks/decision_quality.py``, per op.
 
 Each op has a training sweep (what ``tune`` measures) and ranges from which held-out
-shapes are drawn (seeded, at run time; never a training shape). The training sweeps step
-the bucketed features by 4x (tokens 1, 4, 16, ...), so held-out shapes land both in tuned
-buckets and in buckets between them, where a decision borrows from the nearest tuned
-bucket. Ranges follow real models:
+shapes are drawn (seeded, at run time; never a training shape). The full training sweeps
+step the bucketed features by 4x (tokens 1, 4, 16, ...), the quick ones by 8x, so held-out
+shapes land both in tuned buckets and in buckets between them, where a decision borrows
+from the nearest tuned bucket (or falls to priority when none is within
+``KERNMUX_NEAREST_MAX``). Ranges follow real models:
 
 - ``moe_topk_softmax``: router logits of Qwen3-30B-A3B (128 experts, top-8), DeepSeek-V2
   (160, top-6) and DeepSeek-V3 (256, top-8), bf16, renormalized; 1..16384 tokens.
@@ -100,9 +101,9 @@ def _topk(mode: str) -> OpPlan:
                       kernels=("torch", "triton"), held_out=3, trials=3)
     if mode == "quick":
         model = {"experts": 256, "topk": 8}
-        return OpPlan("moe_topk_softmax", _grid({**TOPK_FIXED, **model}, tokens=(1, 16, 256, 4096)),
+        return OpPlan("moe_topk_softmax", _grid({**TOPK_FIXED, **model}, tokens=(1, 8, 64, 512, 4096)),
                       lambda rng: {**TOPK_FIXED, **rng.choice(TOPK_MODELS[1:]), "tokens": log_uniform(rng, 1, 8192)},
-                      kernels=("torch", "triton"), held_out=4, trials=8,
+                      kernels=("torch", "triton"), held_out=4, trials=6,
                       notes=("torch_compile left out: it compiles for seconds per new shape",))
     return OpPlan("moe_topk_softmax",
                   _grid(TOPK_FIXED, model=(TOPK_MODELS[0], TOPK_MODELS[2]), tokens=(1, 4, 16, 64, 256, 1024, 4096, 16384)),
@@ -112,10 +113,10 @@ def _topk(mode: str) -> OpPlan:
 
 def _indexer(mode: str) -> OpPlan:
     if mode == "quick":
-        return OpPlan("indexer_logits", _grid({**INDEXER_FIXED, "next_n": 1}, batch=(1, 64), context=(1024, 8192)),
+        return OpPlan("indexer_logits", _grid({**INDEXER_FIXED, "next_n": 1}, batch=(1, 8, 64), context=(1024, 8192)),
                       lambda rng: {**INDEXER_FIXED, "next_n": rng.choice((1, 2)), "batch": log_uniform(rng, 1, 128),
                                    "context": log_uniform(rng, 512, 16384)},
-                      held_out=4, trials=8)
+                      held_out=4, trials=6)
     return OpPlan("indexer_logits", _grid({**INDEXER_FIXED, "next_n": 1}, batch=(1, 4, 16, 64), context=(1024, 4096, 16384)),
                   lambda rng: {**INDEXER_FIXED, "next_n": rng.choice((1, 2)), "batch": log_uniform(rng, 1, 128),
                                "context": log_uniform(rng, 512, 32768)},
@@ -124,9 +125,9 @@ def _indexer(mode: str) -> OpPlan:
 
 def _mla(mode: str) -> OpPlan:
     if mode == "quick":
-        return OpPlan("sparse_mla_decode", _grid(MLA_FIXED, batch=(1, 32), heads=(16, 128)),
+        return OpPlan("sparse_mla_decode", _grid(MLA_FIXED, batch=(1, 8, 64), heads=(16, 128)),
                       lambda rng: {**MLA_FIXED, "batch": log_uniform(rng, 1, 128), "heads": rng.choice((16, 32, 64, 128))},
-                      held_out=4, trials=8)
+                      held_out=4, trials=6)
     return OpPlan("sparse_mla_decode", _grid(MLA_FIXED, batch=(1, 4, 16, 64, 256), heads=(16, 64, 128)),
                   lambda rng: {**MLA_FIXED, "batch": log_uniform(rng, 1, 256), "heads": rng.choice((16, 32, 64, 128))},
                   held_out=12, trials=30)
