@@ -212,8 +212,9 @@ def test_explain_names_the_borrowed_bucket(sqlite_url, monkeypatch, capsys):
 
     monkeypatch.delenv(NEAREST_ENV, raising=False)
     here = current_platform()
+    device = "cpu" if here.vendor == "cpu" else "cuda"  # what explain assumes for this platform
     with TuningStore(sqlite_url) as store:
-        row = record(store, "torch", p50=5.0, platform=here, tokens=64, device="cpu")
+        row = record(store, "torch", p50=5.0, platform=here, tokens=64, device=device)
     args = ["explain", OP, "tokens=100", "experts=64", "topk=2", "--db", sqlite_url]
     assert main(args) == 0
     text = capsys.readouterr().out
