@@ -21,7 +21,7 @@ def __getattr__(name: str) -> Any:
     from kernmux.dispatch.hotpath import make_entry_function
     from kernmux.dispatch.registry import REGISTRY, UnknownOpError
     from kernmux.dispatch.torch_op import register_custom_op
-    from kernmux.runtime import call_counter, default_dispatcher
+    from kernmux.runtime import default_dispatcher, problem_counter
 
     try:
         op = REGISTRY.op(name)
@@ -34,7 +34,7 @@ def __getattr__(name: str) -> Any:
             return fn
         # The custom op's eager body looks the entry up by name, so reset() is honoured.
         custom = register_custom_op(op, lambda *args: getattr(module, name)(*args))
-        fn = make_entry_function(op, default_dispatcher(), custom_op=custom, on_call=call_counter())
+        fn = make_entry_function(op, default_dispatcher(), custom_op=custom, counter=problem_counter())
         globals()[name] = fn
     return fn
 

@@ -9,7 +9,7 @@ that turns the environment into the objects it is handed:
   first use (:func:`kernmux.tuning_db.storage.source.open_tuning_source`); a missing database or
   missing database extra is a note in explain, never an error;
 - statistics: one INFO log line per new decision and, when ``KERNMUX_STATS_PATH`` is set,
-  per-call counters (:mod:`kernmux.stats`);
+  per-problem call counters (:mod:`kernmux.stats`);
 - self-check: ``KERNMUX_SELF_CHECK`` (auto | always | off), verdicts read from and written
   to the tuning database (:mod:`kernmux.tuning_db.measurement.verdicts`), or kept in the
   process when the database support is not installed.
@@ -140,10 +140,11 @@ def report_decision(decision: Decision) -> None:
     record_dispatch(decision.op, feature_key(decision.features), kernel, source)
 
 
-def call_counter() -> Callable[[str], None] | None:
-    """Per-call counter when KERNMUX_STATS_PATH is set (zero cost otherwise)."""
+def problem_counter() -> Callable[[str, Any], Any] | None:
+    """Per-problem call counter when KERNMUX_STATS_PATH is set (zero cost otherwise):
+    :func:`kernmux.stats.problem_counter`, handed to the hot path."""
     if not os.environ.get("KERNMUX_STATS_PATH"):
         return None
-    from kernmux.stats import record_call
+    from kernmux.stats import problem_counter as counter
 
-    return record_call
+    return counter

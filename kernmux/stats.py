@@ -1,8 +1,13 @@
 """What kernmux dispatched in this process, so a user can see an engine really uses it.
 
-Two kinds of events, both cheap enough for the hot path:
+Events, all cheap enough for the hot path:
 
-* ``record_call(op)`` — one call of ``kernmux.ops.<op>``: a dict increment.
+* per problem (op + full features) a :class:`ProblemCount`: created on a dispatch-cache
+  miss (:func:`problem_counter`), then incremented by the cached callable on every hit
+  (:mod:`kernmux.dispatch.hotpath` wraps it when statistics are on: one attribute
+  increment in a closure, no hashing of the call's key on the hit path);
+* ``record_call(op)`` — one call counted per op only (kept for callers outside the
+  dispatcher);
 * ``record_dispatch(op, key, kernel, source)`` — a *new* decision (a dispatch-cache
   miss): logged once as one INFO line on the ``kernmux`` logger and kept for the dump.
 
@@ -16,14 +21,20 @@ after every new decision, so a process killed at shutdown still leaves its decis
 * a path containing ``{pid}``: formatted with the process id;
 * any other path: written as given (one process; several would overwrite each other).
 
-Dump format (``version`` 1)::
+Dump format (``version`` 2; version 1 had no ``problems``)::
 
-    {"version": 1, "pid": 123, "argv0": "...", "written_at": 1732290000.0,
+    {"version": 2, "pid": 123, "argv0": "...", "written_at": 1732290000.0,
      "calls": {"moe_topk_softmax": 96},
+     "problems": [{"op": "moe_topk_softmax", "features": {"tokens": 7, ...}, "calls": 90}, ...],
      "decisions": [{"op": "moe_topk_softmax", "key": [...], "kernel": "triton",
                     "source": "rule:...", "at": 1732290000.0}],
      "hooks": {"vllm.fused_topk": {"kernmux": 96, "fallback": 0}},
      "info": {"vllm.version": "0.32.0", "vllm.hooks": [...]}}
+
+``problems`` lists every problem the process ran through ``kernmux.ops``, most-called
+first: what ``kernmux tune --from-stats`` tunes. ``calls`` per op is their sum plus any
+``record_call`` counts. Counts are plain increments: concurrent hits from several threads
+may lose a few (statistics, not accounting).
 """
 
 from __future__ import annotations
@@ -35,20 +46,48 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 log = logging.getLogger("kernmux")
 
 STATS_ENV = "KERNMUX_STATS_PATH"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Plain dicts mutated in place: the hot path pays one lookup and one store.
 _calls: dict[str, int] = {}
 _hooks: dict[str, dict[str, int]] = {}
 _decisions: list[dict[str, Any]] = []
 _info: dict[str, Any] = {}
+_problems: dict[tuple[str, tuple], ProblemCount] = {}
 _lock = threading.Lock()
 _exit_hooked_pid: int | None = None
+
+
+class ProblemCount:
+    """Calls of one problem: ``op`` with these exact ``features``; ``n`` is incremented in
+    place by the hot path."""
+
+    __slots__ = ("op", "features", "n")
+
+    def __init__(self, op: str, features: Mapping[str, Any]):
+        self.op = op
+        self.features = dict(features)
+        self.n = 0
+
+
+def problem_counter(op: str, features: Mapping[str, Any]) -> ProblemCount:
+    """The counter of (op, features), created on first use (a dispatch-cache miss: off
+    the hot path). Several raw keys (e.g. strides) share the features' one counter."""
+    key = (op, tuple(sorted(features.items())))
+    counter = _problems.get(key)
+    if counter is None:
+        with _lock:
+            counter = _problems.get(key)
+            if counter is None:
+                counter = _problems[key] = ProblemCount(op, _jsonable(dict(features)))
+        _ensure_exit_dump()
+    return counter
 
 
 def record_call(op: str) -> None:
@@ -93,12 +132,20 @@ def set_info(name: str, value: Any) -> None:
 def snapshot() -> dict[str, Any]:
     """The current statistics as a JSON-serialisable dict (the dump's content)."""
     with _lock:
+        problems = [
+            {"op": c.op, "features": dict(c.features), "calls": c.n}
+            for c in sorted(_problems.values(), key=lambda c: (-c.n, c.op, json.dumps(c.features, sort_keys=True, default=str)))
+        ]
+        calls = dict(_calls)
+        for problem in problems:
+            calls[problem["op"]] = calls.get(problem["op"], 0) + problem["calls"]
         return {
             "version": FORMAT_VERSION,
             "pid": os.getpid(),
             "argv0": sys.argv[0] if sys.argv else "",
             "written_at": time.time(),
-            "calls": dict(_calls),
+            "calls": calls,
+            "problems": problems,
             "decisions": [dict(d) for d in _decisions],
             "hooks": {name: dict(c) for name, c in _hooks.items()},
             "info": dict(_info),
@@ -143,6 +190,7 @@ def reset() -> None:
     """Forget everything (tests)."""
     with _lock:
         _calls.clear()
+        _problems.clear()
         _hooks.clear()
         _decisions.clear()
         _info.clear()

@@ -79,6 +79,9 @@ def render(decision) -> str:
     lines.append(f"kernel:    {decision.kernel}" + (f"  ({'; '.join(extra)})" if extra else ""))
     lines.append(f"precision: {_precision_text(decision)}")
     lines.append(f"source:    {decision.source}: {decision.detail}")
+    if getattr(decision, "borrowed_from", None) is not None:
+        lines.append(f"borrowed:  nearest tuned bucket {format_features(decision.borrowed_from)} "
+                     f"(distance {decision.distance:.2f} in log2 units; limit: KERNMUX_NEAREST_MAX)")
     if decision.rules:
         lines.append("rules matching:")
         lines += [f"  - {summary}" for _, summary in decision.rules]

@@ -22,8 +22,14 @@ def register(subparsers) -> None:
             "several processes or hosts (one PostgreSQL URL) tune it together."
         ),
     )
-    parser.add_argument("op", help="op name (see `kernmux ops`)")
+    parser.add_argument("op", nargs="?", default=None,
+                        help="op name (see `kernmux ops`); with --from-stats: only this op's problems")
     parser.add_argument("features", nargs="*", metavar="FEATURE=V1[,V2...]")
+    parser.add_argument("--from-stats", action="append", default=[], metavar="FILE",
+                        help="tune exactly the problems an engine ran, most-called first, from statistics dumps "
+                             "(KERNMUX_STATS_PATH files or directories of them; repeat to merge several)")
+    parser.add_argument("--top", type=int, default=None, metavar="N",
+                        help="with --from-stats: only the N most-called problems")
     parser.add_argument("--kernels", default=None, help="comma-separated kernels (default: all available)")
     parser.add_argument("--trials", type=int, default=30,
                         help="measurements per feature set, counted over the whole study (default 30)")
@@ -110,8 +116,16 @@ def run(args) -> int:
     import torch
 
     from kernmux.tuning_db.storage.errors import TuningDBError
-    from kernmux.tuning_db.tuning.tuner import TuneError, TuneSettings, tune
+    from kernmux.tuning_db.tuning.tuner import TuneError, tune
 
+    if args.from_stats:
+        from kernmux.cli.tune_from_stats import run_from_stats
+
+        return run_from_stats(args, _ProgressPrinter(), settings_from_args, _shown_url)
+    if args.op is None:
+        return fail("name an op to tune, or give --from-stats FILE")
+    if args.top is not None:
+        return fail("--top only applies with --from-stats")
     try:
         import importlib
 
@@ -123,12 +137,7 @@ def run(args) -> int:
         kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip()) if args.kernels else None
         if args.trials < 1 or args.workers < 1 or args.timeout <= 0:
             raise UsageError("--trials and --workers must be >= 1 and --timeout > 0")
-        settings = TuneSettings(
-            op=op.name, kernels=kernels, trials=args.trials, sampler=args.sampler, seed=args.seed,
-            url=args.db, workers=args.workers, timeout_s=args.timeout, warmup_ms=args.warmup_ms,
-            rep_ms=args.rep_ms, cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph], isolate=not args.in_process,
-            imports=tuple(args.imports), baseline=args.baseline or None,
-        )
+        settings = settings_from_args(args, op.name, kernels)
     except (UsageError, ModuleNotFoundError) as e:
         return fail(str(e))
     try:
@@ -153,6 +162,18 @@ def run(args) -> int:
                            "speed-up", "ok/failed"]))
         print(f"database: {_shown_url(args.db)}")
     return 0 if all(r.best_kernel for r in results) else 1
+
+
+def settings_from_args(args, op_name: str, kernels: tuple[str, ...] | None):
+    """The tuner's settings for ``op_name`` from the command line (shared by --from-stats)."""
+    from kernmux.tuning_db.tuning.tuner import TuneSettings
+
+    return TuneSettings(
+        op=op_name, kernels=kernels, trials=args.trials, sampler=args.sampler, seed=args.seed,
+        url=args.db, workers=args.workers, timeout_s=args.timeout, warmup_ms=args.warmup_ms,
+        rep_ms=args.rep_ms, cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph], isolate=not args.in_process,
+        imports=tuple(args.imports), baseline=args.baseline or None,
+    )
 
 
 def _shown_url(url: str | None) -> str:

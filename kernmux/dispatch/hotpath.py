@@ -196,11 +196,17 @@ MAX_CACHED_KEYS = 4096
 
 
 class OpEntry:
-    """Miss handling and runtime fallback for one op (the generated function's helpers)."""
+    """Miss handling and runtime fallback for one op (the generated function's helpers).
 
-    def __init__(self, op: Op, dispatcher: Dispatcher):
+    counter(op, features) -> an object with an int ``n``: per-problem call counts
+    (statistics). A miss counts itself; a hit is counted by the cached callable, which
+    is then a closure incrementing that object (no key hashing on the hit path)."""
+
+    def __init__(self, op: Op, dispatcher: Dispatcher, counter: Callable[[str, Mapping[str, Any]], Any] | None = None):
         self.op = op
         self.dispatcher = dispatcher
+        self.counter = counter
+        self.counted: Callable[[Callable[..., Any], Any], Callable[..., Any]] | None = None  # set by make_entry_function
         self.cache: dict[Any, Callable[..., Any]] = {}
         dispatcher.entry_caches.append(self.cache)
         # raw key -> (features, decision) so a failure can be attributed.
@@ -210,6 +216,8 @@ class OpEntry:
     def miss(self, raw_key: Any, *args: Any) -> Any:
         self.op.validate(*args)
         features = self.op.features(*args)
+        if self.counter is not None:
+            self.counter(self.op.name, features).n += 1
         decision = self.dispatcher.decide(self.op.name, features)
         fn = self.dispatcher.build(decision)
         try:
@@ -266,6 +274,8 @@ class OpEntry:
             self.cache.clear()
             self.keyinfo.clear()
         self.keyinfo[raw_key] = (features, decision)
+        if self.counter is not None and self.counted is not None:
+            fn = self.counted(fn, self.counter(self.op.name, features))
         self.cache[raw_key] = fn
 
 
@@ -299,15 +309,30 @@ def {name}({params}):
         return _fail(_k, _fn, _e, {call})
 '''
 
+# With per-problem statistics the cached callable counts its own calls: one closure
+# call with the op's exact parameters (cheaper than a counter keyed by op name).
+_COUNTED_TEMPLATE = '''
+def _counted(_kmx_fn, _kmx_cell):
+    def counted({call}):
+        _kmx_cell.n += 1
+        return _kmx_fn({call})
+    counted.__wrapped__ = _kmx_fn
+    return counted
+'''
+
 
 def make_entry_function(
     op: Op,
     dispatcher: Dispatcher,
     custom_op: Callable[..., Any] | None = None,
     on_call: Callable[[str], None] | None = None,
+    counter: Callable[[str, Mapping[str, Any]], Any] | None = None,
 ) -> Callable[..., Any]:
-    """Generate ``kernmux.ops.<op>`` with the reference's signature (see module doc)."""
-    entry = OpEntry(op, dispatcher)
+    """Generate ``kernmux.ops.<op>`` with the reference's signature (see module doc).
+
+    on_call(op): called on every call (a per-op counter); counter: per-problem call
+    counts (see :class:`OpEntry`)."""
+    entry = OpEntry(op, dispatcher, counter)
     signature = inspect.signature(op.reference)
     hints = typing.get_type_hints(op.reference)
     names = list(signature.parameters)
@@ -336,6 +361,9 @@ def make_entry_function(
         _on_call=on_call,
     )
     exec(compile(source, f"<kernmux.ops.{op.name}>", "exec"), namespace)
+    if counter is not None:
+        exec(compile(_COUNTED_TEMPLATE.format(call=", ".join(names)), f"<kernmux.ops.{op.name} counted>", "exec"), namespace)
+        entry.counted = namespace["_counted"]
     fn = namespace[op.name]
     fn.__doc__ = op.doc or op.reference.__doc__
     fn.__module__ = "kernmux.ops"

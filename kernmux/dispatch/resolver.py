@@ -17,7 +17,7 @@ from typing import Any
 from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.registry import REGISTRY, Kernel, Op, Registry, Support
 from kernmux.dispatch.transforms import transformed_head_counts
-from kernmux.dispatch.tuning import TuningSource
+from kernmux.dispatch.tuning import TuningSource, borrow_nearest
 from kernmux.dispatch.rule_model import Rule, RuleSet, TransformSpec
 
 # Candidate statuses, in the order the explain trace lists them.
@@ -45,6 +45,8 @@ class Choice:
     detail: str = ""
     rule: str | None = None
     row_id: Any = None
+    borrowed_from: Mapping[str, Any] | None = None
+    distance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class Decision:
     precision: str = ""  # the chosen kernel's precision class
     reference_precision: str = ""  # the op's reference class
     precision_rule: str | None = None  # the allow_precision rule admitting a coarser class
+    # A tuning decision taken from the nearest tuned bucket: that bucket, and its distance.
+    borrowed_from: Mapping[str, Any] | None = None
+    distance: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +87,8 @@ class Decision:
             "detail": self.detail,
             "rule": self.rule,
             "tuning_row": self.row_id,
+            "borrowed_from": dict(self.borrowed_from) if self.borrowed_from is not None else None,
+            "distance": self.distance,
             "rules": [{"id": rid, "summary": text} for rid, text in self.rules],
             "candidates": [c.as_dict() for c in self.candidates],
             "fallbacks": list(self.fallbacks),
@@ -153,12 +160,17 @@ def _level_tuning(ctx: _Context) -> Choice | None:
     bucket = ctx.op.bucket(ctx.features)
     pick, notes = ctx.tuning.lookup(ctx.op.name, bucket, ctx.platform, sorted(ctx.survivors))
     ctx.notes.extend(notes)
+    if pick is None:  # never tuned here: the nearest tuned bucket, within reach
+        pick, notes = borrow_nearest(ctx.tuning, ctx.op, ctx.features, bucket, ctx.platform, ctx.kernels,
+                                     sorted(ctx.survivors))
+        ctx.notes.extend(notes)
     if pick is None:
         return None
     if pick.kernel not in ctx.survivors:
         ctx.notes.append(f"tuning row {pick.row_id} picks {pick.kernel!r}, which did not survive the filters; skipped")
         return None
-    return Choice(pick.kernel, config=dict(pick.config), detail=pick.detail, row_id=pick.row_id)
+    return Choice(pick.kernel, config=dict(pick.config), detail=pick.detail, row_id=pick.row_id,
+                  borrowed_from=getattr(pick, "borrowed_from", None), distance=getattr(pick, "distance", None))
 
 
 def _prefer_order(ctx: _Context) -> list[str]:
@@ -381,4 +393,6 @@ def resolve(
         precision=chosen.precision,
         reference_precision=op.precision,
         precision_rule=allowed_precisions.get(chosen.precision) or None,
+        borrowed_from=choice.borrowed_from,
+        distance=choice.distance,
     )

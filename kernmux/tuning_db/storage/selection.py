@@ -3,12 +3,15 @@
 :func:`choose_best` picks the fastest usable ``ok`` row of one (op, bucket) among rows
 in memory (the resolver's index, a study's rows, a query's result) and says in notes
 what it ignored and why; :func:`describe_row` names a row for explain.
+:func:`nearest_buckets` orders the tuned buckets an untuned problem may borrow from.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kernmux.dispatch.platform import Platform
@@ -113,3 +116,100 @@ def describe_row(row: Any) -> str:
     study = getattr(row, "study", None)
     origin = f", study {study!r} trial {row.trial_number}" if study else ""
     return f"tuning row {row.id}: {row.kernel}{config} {timing}, measured {when}{origin}"
+
+
+# --------------------------------------------------------------------------- nearest bucket
+#
+# A problem whose bucket was never tuned may borrow the decision of the nearest tuned
+# bucket. Categorical features (strings, booleans, enumerated ints) must be equal; the
+# distance is the Euclidean norm over the numeric features of (log2 asked - log2 bucket),
+# so one doubling of one feature is 1.0 and doubling two features is 1.41. A numeric
+# value <= 0 has no logarithm: it matches only the same value (``shared=0`` never
+# borrows from ``shared=2``). Ties go to the larger bucket (larger sum of log2 values):
+# a config tuned for more work usually keeps its occupancy on a bit less, while one tuned
+# for less work may leave the device idle.
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A tuned bucket within reach of an asked problem."""
+
+    distance: float
+    bucket: Mapping[str, Any]
+    key: str  # the bucket's canonical key (``records.bucket_key``)
+
+
+def _log2(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return None
+    return math.log2(value)
+
+
+def log2_distance(asked: Mapping[str, Any], bucket: Mapping[str, Any], numeric: Collection[str]) -> float | None:
+    """Euclidean distance over log2 of the ``numeric`` features; None when the two are
+    not comparable (different keys, a categorical value differs, or a numeric value <= 0
+    differs)."""
+    if set(asked) != set(bucket):
+        return None
+    total = 0.0
+    for name, value in asked.items():
+        other = bucket[name]
+        if name not in numeric or value == other:
+            if value != other:
+                return None
+            continue
+        a, b = _log2(value), _log2(other)
+        if a is None or b is None:
+            return None
+        total += (a - b) ** 2
+    return math.sqrt(total)
+
+
+def _size(bucket: Mapping[str, Any], numeric: Collection[str]) -> float:
+    return sum(_log2(bucket[n]) or 0.0 for n in numeric if n in bucket)
+
+
+def nearest_buckets(
+    asked: Mapping[str, Any],
+    buckets: Iterable[tuple[str, Mapping[str, Any]]],
+    numeric: Collection[str],
+    max_distance: float,
+    *,
+    exclude: str | None = None,
+) -> tuple[list[Neighbour], Neighbour | None]:
+    """Buckets comparable with ``asked`` within ``max_distance``, nearest first (ties: the
+    larger bucket first, then the key), and the nearest one beyond reach (for a note).
+
+    asked: the asked problem in bucket form, numeric features at their exact values.
+    buckets: (key, bucket) pairs, e.g. every tuned bucket of one op; ``exclude``: the
+    asked problem's own bucket key."""
+    within: list[Neighbour] = []
+    beyond: Neighbour | None = None
+    for key, bucket in buckets:
+        if key == exclude:
+            continue
+        distance = log2_distance(asked, bucket, numeric)
+        if distance is None:
+            continue
+        neighbour = Neighbour(distance, bucket, key)
+        if distance <= max_distance + 1e-9:
+            within.append(neighbour)
+        elif beyond is None or distance < beyond.distance:
+            beyond = neighbour
+    within.sort(key=lambda n: (round(n.distance, 9), -_size(n.bucket, numeric), n.key))
+    return within, beyond
+
+
+def borrowed_text(asked: Mapping[str, Any], neighbour: Neighbour, numeric: Collection[str]) -> str:
+    """"borrowed from tokens=128, asked 100 (distance 0.36)"; with several differing
+    features "borrowed from batch=64 context=4096, asked batch=50 context=3000 (...)"."""
+    differ = [n for n in sorted(numeric) if n in asked and asked[n] != neighbour.bucket.get(n)]
+    distance = f"(distance {neighbour.distance:.2f})"
+    if len(differ) == 1:
+        name = differ[0]
+        return f"borrowed from {name}={neighbour.bucket[name]}, asked {asked[name]} {distance}"
+    if not differ:
+        return f"borrowed from bucket {neighbour.key} {distance}"
+    theirs = " ".join(f"{n}={neighbour.bucket[n]}" for n in differ)
+    ours = " ".join(f"{n}={asked[n]}" for n in differ)
+    return f"borrowed from {theirs}, asked {ours} {distance}"

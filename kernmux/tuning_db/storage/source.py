@@ -6,28 +6,32 @@ miss, so a query per lookup would be too slow), and on a lookup at most once eve
 ``check_interval_s`` it asks the database for (row count, max id): rows are only ever
 inserted, so that pair changes exactly when the data does. ``generation`` counts the
 reloads so a caller caching decisions can tell that they may be stale.
+
+``nearest`` answers for a problem whose own bucket has no usable row: the winner of the
+nearest tuned bucket (see :func:`~kernmux.tuning_db.storage.selection.nearest_buckets`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
 from kernmux.dispatch.platform import Platform
-from kernmux.dispatch.tuning import TuningPick
+from kernmux.dispatch.tuning import ConfigCheck, TuningPick
 from kernmux.tuning_db.storage.errors import TuningDBError
 from kernmux.tuning_db.storage.models import Trial
 from kernmux.tuning_db.storage.paths import default_db_path, default_url, normalize_url, sqlite_path
 from kernmux.tuning_db.storage.records import FAILURE_STATUSES, bucket_key
-from kernmux.tuning_db.storage.selection import choose_best, describe_row
+from kernmux.tuning_db.storage.selection import borrowed_text, choose_best, describe_row, nearest_buckets
 from kernmux.tuning_db.storage.store import TuningStore
 
 log = logging.getLogger("kernmux")
@@ -78,6 +82,7 @@ class TuningSource:
         self.generation = 0
         self._lock = threading.Lock()
         self._index: dict[tuple[str, str], list[_Row]] = {}
+        self._buckets: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # op -> (key, bucket)
         self._stamp: tuple[int, int] | None = None
         self._checked_at = float("-inf")
         self._stale_note = ""
@@ -94,7 +99,16 @@ class TuningSource:
         with self.store.session_scope() as session:
             for op, key, *rest in session.execute(query):
                 index[(op, key)].append(_Row(*rest))
+        buckets: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
+        for op, key in index:
+            try:
+                bucket = json.loads(key)
+            except ValueError:  # not written by this code; it can still be looked up exactly
+                continue
+            if isinstance(bucket, dict):
+                buckets[op].append((key, bucket))
         self._index = dict(index)
+        self._buckets = dict(buckets)
         self._stamp = stamp
         self.generation += 1
 
@@ -143,6 +157,61 @@ class TuningSource:
         )
         return pick, notes
 
+    def nearest(
+        self,
+        op: str,
+        features: Mapping[str, Any],
+        bucket: Mapping[str, Any],
+        platform: Platform,
+        allowed: Sequence[str],
+        *,
+        numeric: Collection[str],
+        config_ok: ConfigCheck,
+        max_distance: float,
+    ) -> tuple[TuningPick | None, list[str]]:
+        """The winner of the nearest tuned bucket for a problem whose bucket has no usable
+        row (:class:`kernmux.dispatch.tuning.NearestSource`).
+
+        features: the asked problem (numeric features at their exact values, so the
+        distance is measured from what was asked, not from its bucket's edge). A bucket's
+        winner is its fastest usable row among ``allowed``; when ``config_ok`` rejects
+        that config for the asked problem, the next nearest bucket is tried."""
+        self.refresh()
+        asked = {k: (features[k] if k in numeric and k in features else v) for k, v in bucket.items()}
+        index, buckets = self._index, self._buckets  # one load's view, even if another lands meanwhile
+        within, beyond = nearest_buckets(asked, buckets.get(op, ()), numeric, max_distance, exclude=bucket_key(bucket))
+        notes: list[str] = []
+        skipped = 0
+        for neighbour in within:
+            row, _ = choose_best(index.get((op, neighbour.key), []), platform, allowed)
+            if row is None:
+                continue
+            problem = config_ok(row.kernel, row.config)
+            if problem:
+                skipped += 1
+                if skipped <= 3:
+                    notes.append(f"nearest bucket {neighbour.key} (distance {neighbour.distance:.2f}) skipped: "
+                                 f"its winner {row.kernel} {dict(row.config)}: {problem}")
+                continue
+            text = borrowed_text(asked, neighbour, numeric)
+            pick = TuningPick(
+                kernel=row.kernel,
+                config=dict(row.config),
+                row_id=row.id,
+                p50_us=row.p50_us,
+                detail=f"{text}: {describe_row(row)} [{self.url}]",
+                borrowed_from={k: neighbour.bucket[k] for k in bucket},  # the op's feature order
+                distance=round(neighbour.distance, 4),
+            )
+            return pick, _with_more(notes, skipped)
+        notes = _with_more(notes, skipped)
+        if within:
+            notes.append(f"no usable row in the {len(within)} tuned bucket(s) within distance {max_distance:g}")
+        elif beyond is not None:
+            notes.append(f"nearest tuned bucket {beyond.key} is at distance {beyond.distance:.2f}, "
+                         f"beyond the limit {max_distance:g} (KERNMUX_NEAREST_MAX)")
+        return None, notes
+
     def rows_of(self, op: str, bucket: Mapping[str, Any]) -> list[_Row]:
         """Every loaded row of (op, bucket), any platform (callers filter)."""
         self.refresh()
@@ -150,6 +219,12 @@ class TuningSource:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _with_more(notes: list[str], skipped: int) -> list[str]:
+    if skipped > 3:
+        notes.append(f"{skipped - 3} more nearer bucket(s) skipped for configs not valid here")
+    return notes
 
 
 def open_source(url: str | None = None, *, check_interval_s: float = CHECK_INTERVAL_S) -> TuningSource | None:
