@@ -25,6 +25,7 @@ def _torch_kernel(monkeypatch):
     # The hook's mapping is under test, not the kernels.
     monkeypatch.setenv("KERNMUX_FORCE", "moe_experts=torch")
     monkeypatch.setattr(hook, "_batch_invariant", lambda: None)  # no vllm.envs here
+    monkeypatch.setattr(hook, "_platform_problem", lambda backend: None)  # nor vllm.platforms
     kernmux.ops.reset()
     stats.reset()
     yield
@@ -278,3 +279,44 @@ def test_vllm_kernels_weight_cache_takes_inference_tensors():
         first = converted(weight, "test-flip", lambda w: made.append(1) or w.flip(-1))
         again = converted(weight, "test-flip", lambda w: made.append(1) or w.flip(-1))
     assert weight.is_inference() and first is again and made == [1]
+
+
+def test_triton_backend_is_served_on_cuda_and_rocm_only(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.undo()  # the real _platform_problem
+    for cuda_alike, expected in ((True, None), (False, "TRITON backend outside CUDA/ROCm")):
+        platforms = types.ModuleType("vllm.platforms")
+        platforms.current_platform = types.SimpleNamespace(is_cuda_alike=lambda v=cuda_alike: v)
+        monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+        monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+        assert hook._platform_problem("TRITON") == expected
+    assert hook._platform_problem("CPU") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 33])
+def test_triton_backend_layer_on_gpu_through_kernmuxs_own_choice(monkeypatch, tokens):
+    """On a GPU, with no forced kernel: the layer vLLM gives TritonExperts is served by
+    whatever kernmux chooses there (its Triton strategies by default), with vLLM's
+    argument meaning -- int64 ids, padding ids -1 -- within the op's bf16 tolerance."""
+    from kernmux.kernels.moe_experts import spec
+
+    monkeypatch.delenv("KERNMUX_FORCE")
+    kernmux.ops.reset()
+    config = vllm.FusedMoEConfig(standin_backend="triton", in_dtype=torch.bfloat16)
+    layer = make_layer(dtype=torch.bfloat16)
+    experts, _, _ = build(config, layer=torch.nn.Module())
+    w13, w2 = layer.w13_weight.data.cuda(), layer.w2_weight.data.cuda()
+    hidden = torch.randn(tokens, H, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    weights, ids = routing(tokens, ids_dtype=torch.int64)
+    ids[0, 1] = -1
+    out = torch.full((tokens, H), float("nan"), dtype=torch.bfloat16, device="cuda")
+    experts.apply(out, hidden.cuda(), w13, w2, weights.cuda(), ids.cuda(), vllm.MoEActivation.SILU, E, None, None,
+                  None, torch.empty(0), torch.empty(0), None, False)
+    want = vllm.experts_output(hidden.float(), w13.float().cpu(), w2.float().cpu(), weights, ids)
+    features = {"tokens": tokens, "hidden": H, "dtype": "bf16"}
+    verdict = spec.compare(out.cpu(), want, features)
+    assert verdict.passed, (verdict.detail, verdict.metrics)
+    assert experts.calls == []

@@ -114,7 +114,19 @@ def config_problem(backend: Any, experts_cls: Any, moe_config: Any) -> str | Non
     for failed, reason in checks:
         if failed:
             return reason
-    return _batch_invariant()
+    return _platform_problem(backend_name) or _batch_invariant()
+
+
+def _platform_problem(backend_name: str) -> str | None:
+    """TRITON is also vLLM's fallback on XPU, where kernmux has no kernel of its own."""
+    if backend_name != "TRITON":
+        return None
+    try:
+        from vllm.platforms import current_platform
+
+        return None if current_platform.is_cuda_alike() else "TRITON backend outside CUDA/ROCm"
+    except Exception as e:
+        return f"cannot read vLLM's platform ({type(e).__name__})"
 
 
 def _calls(cls: Any, name: str) -> bool:
