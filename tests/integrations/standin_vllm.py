@@ -15,6 +15,7 @@ ROUTER = "vllm.model_executor.layers.fused_moe.router"
 
 FILES: dict[str, str] = {
     "vllm/__init__.py": '__version__ = "{version}"\n',
+    "vllm/envs.py": "VLLM_BATCH_INVARIANT = False\n",
     "vllm/model_executor/__init__.py": "",
     "vllm/model_executor/layers/__init__.py": "",
     "vllm/model_executor/layers/fused_moe/__init__.py": "",
@@ -83,6 +84,28 @@ FILES: dict[str, str] = {
     """,
     "vllm/model_executor/layers/fused_moe/router/cpu_user.py": """
         from vllm.model_executor.layers.fused_moe.router.cpu_router import _softmax_topk
+    """,
+    "vllm/model_executor/layers/fused_moe/oracle/__init__.py": "",
+    # The unquantized MoE oracle (0.32/0.33 signature) and the method module's copy of it.
+    "vllm/model_executor/layers/fused_moe/oracle/unquantized.py": """
+        from tests.integrations.standin_moe_experts import select_unquantized_moe_backend as _select
+
+        def select_unquantized_moe_backend(moe_config):
+            return _select(moe_config)
+    """,
+    "vllm/model_executor/layers/fused_moe/unquantized_fused_moe_method.py": """
+        from vllm.model_executor.layers.fused_moe.oracle.unquantized import select_unquantized_moe_backend
+    """,
+    # The MXFP4 linear kernel selection and a scheme's copy of it.
+    "vllm/model_executor/kernels/__init__.py": "",
+    "vllm/model_executor/kernels/linear/__init__.py": """
+        from tests.integrations.standin_mxfp4_linear import make as _make
+
+        globals().update({{k: v for k, v in vars(_make()).items() if not k.startswith("__")}})
+    """,
+    "vllm/model_executor/layers/quantization/__init__.py": "",
+    "vllm/model_executor/layers/quantization/online_mxfp4.py": """
+        from vllm.model_executor.kernels.linear import init_mxfp4_linear_kernel
     """,
     "vllm/utils/__init__.py": "",
     "vllm/utils/deep_gemm.py": """

@@ -4,6 +4,13 @@ Each vLLM run is a subprocess of the venv's Python running ``vllm_driver.py``; k
 is found by vLLM through its ``vllm.general_plugins`` entry point, as for a user. The
 stats dumps (``KERNMUX_STATS_PATH``, one file per process) show what each process did.
 Budget: ~15 s for the plugin checks, ~1 min per ``LLM.generate`` run (three runs).
+
+The kernmux run routes both MoE hooks through kernmux: routing (``moe_topk.cpu`` ->
+``moe_topk_softmax``) and the routed experts (``moe_experts.unquantized`` ->
+``moe_experts``). The rules pin the kernels so the run is deterministic and cheap: the
+PyTorch references everywhere, except vLLM's own CPU fused MoE (kernmux's ``vllm``
+kernel, on weights kernmux pads and prepacks itself) for batches under 4 tokens -- so
+one run exercises a kernel that is not vLLM's and the adapter around vLLM's.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ VENV = Path(os.environ.get("KERNMUX_VLLM_VENV", ROOT / ".cache" / "vllm-venv"))
 PYTHON = VENV / "bin" / "python"
 DRIVER = Path(__file__).with_name("vllm_driver.py")
 RULE_ID = "e2e-cpu-routing-torch"
+EXPERTS_DECODE_RULE = "e2e-cpu-experts-decode-vllm"
+EXPERTS_RULE = "e2e-cpu-experts-torch"
 RULES = f"""\
 version: 1
 rules:
@@ -30,7 +39,26 @@ rules:
     use: torch
     reason: the end-to-end test pins the PyTorch kernel so a 2-core CI machine spends no time compiling
     link: https://docs.vllm.ai/en/latest/design/plugin_system.html
+  - id: {EXPERTS_DECODE_RULE}
+    op: moe_experts
+    when: {{vendor: cpu, tokens: "<4"}}
+    use: vllm
+    reason: the end-to-end test runs vLLM's CPU fused MoE through kernmux's adapter for decode batches
+    link: https://docs.vllm.ai/en/latest/design/plugin_system.html
+  - id: {EXPERTS_RULE}
+    op: moe_experts
+    when: {{vendor: cpu}}
+    use: torch
+    reason: the end-to-end test runs the PyTorch reference (a different summation order) for larger batches
+    link: https://docs.vllm.ai/en/latest/design/plugin_system.html
 """
+# Largest |log-probability| difference of a generated token with and without kernmux.
+# The fp32 model's MoE outputs may differ by the op's fp32 tolerance (1e-4 relative per
+# row, spec.ROW_RTOL) when kernmux's kernel sums the k slots in another order than
+# vLLM's; through two layers and the LM head that stays well under 1e-3 (measured:
+# ~3e-6), while a wrongly mapped argument (gate/up halves swapped, a slot dropped,
+# weights applied twice) moves log-probabilities by 1e-2 or more and changes tokens.
+LOGPROB_ATOL = 1e-3
 BAD_RULES = "version: 1\nrules:\n  - id: [unclosed\n"
 
 if not PYTHON.exists() and os.environ.get("CI"):
@@ -143,8 +171,10 @@ def test_plugin_discovered_and_registered_once_per_process(workdir: Path) -> Non
     assert state["status"] == "active", state
     assert state["vllm_version"].startswith("0.32")
     hooks = state["hooks"]
-    assert {"moe_topk.fused", "moe_topk.cpu", "indexer.deep_gemm", "indexer.rocm", "sparse_mla.flashmla"} <= set(hooks)
+    assert {"moe_topk.fused", "moe_topk.cpu", "moe_experts.unquantized", "indexer.deep_gemm", "indexer.rocm",
+            "sparse_mla.flashmla", "mxfp4_linear.kernel"} <= set(hooks)
     assert hooks["moe_topk.cpu"]["status"] in ("pending", "installed")
+    assert hooks["moe_experts.unquantized"]["status"] in ("pending", "installed")
     assert "kernmux: vLLM 0.32" in result["log"] and "plugin active" in result["log"]
 
 
@@ -159,9 +189,16 @@ def test_malformed_rules_disable_kernmux_without_stopping_vllm(workdir: Path) ->
 
 
 def test_generate_identical_with_and_without_kernmux(runs: dict) -> None:
+    """Identical greedy tokens, and log-probabilities within LOGPROB_ATOL: not bit-identical
+    because the PyTorch reference kernel accumulates each token's expert outputs in
+    another order than vLLM's ``_C::cpu_fused_moe`` (fp32 rounding differs in the last
+    bits); the tiny model's logits are spread far wider (``initializer_range=0.2``) than
+    that, so no greedy choice can flip."""
     on, off = runs["kernmux"], runs["disabled"]
     assert len(on["tokens"]) == 3 and all(len(t) == 8 for t in on["tokens"])
     assert on["tokens"] == off["tokens"]
+    diffs = [abs(a - b) for row_on, row_off in zip(on["logprobs"], off["logprobs"]) for a, b in zip(row_on, row_off)]
+    assert len(diffs) == 24 and max(diffs) <= LOGPROB_ATOL, max(diffs)
 
     # Routing really went through kernmux in the process that ran the model (not the driver).
     engine = [d for d in on["dumps"] if d["pid"] != on["pid"] and d["calls"].get("moe_topk_softmax", 0) > 0]
@@ -174,6 +211,17 @@ def test_generate_identical_with_and_without_kernmux(runs: dict) -> None:
     # register() ran once in every process that loaded the plugin.
     assert all(d["info"]["vllm.register_calls"] == 1 for d in on["dumps"]), [d["info"] for d in on["dumps"]]
     assert "-> torch (" in on["log"] and "kernmux: moe_topk_softmax" in on["log"]
+
+    # The routed experts went through kernmux too: every MoE layer's expert computation,
+    # by the PyTorch reference for prefill-sized batches and by vLLM's CPU kernel through
+    # kernmux's adapter for decode batches, with no fallback to vLLM's own path.
+    assert dump["calls"].get("moe_experts", 0) == dump["calls"]["moe_topk_softmax"]
+    experts_hook = dump["hooks"]["moe_experts.unquantized"]
+    assert experts_hook["kernmux"] == dump["calls"]["moe_experts"]
+    assert experts_hook.get("fallback", 0) == 0 and experts_hook.get("vllm", 0) == 0
+    chosen = {(d["kernel"], d["source"].rsplit(":", 1)[-1]) for d in dump["decisions"] if d["op"] == "moe_experts"}
+    assert chosen == {("torch", EXPERTS_RULE), ("vllm", EXPERTS_DECODE_RULE)}, chosen
+    assert "Using KernmuxCPUUnquantizedExperts MoE backend" in on["log"]
 
     # Plugins off: kernmux never loaded, so no process wrote statistics.
     assert off["dumps"] == []

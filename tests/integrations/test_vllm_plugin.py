@@ -17,7 +17,10 @@ from kernmux.integrations.vllm_hooks import moe_topk
 from tests.integrations import standin_vllm
 from tests.integrations.standin_vllm import ROUTER
 
-ALL_HOOKS = {"moe_topk.fused", "moe_topk.cpu", "indexer.deep_gemm", "indexer.rocm", "sparse_mla.flashmla"}
+ALL_HOOKS = {
+    "moe_topk.fused", "moe_topk.cpu", "moe_experts.unquantized", "indexer.deep_gemm", "indexer.rocm",
+    "sparse_mla.flashmla", "mxfp4_linear.kernel",
+}
 
 
 @pytest.fixture
@@ -157,6 +160,39 @@ def test_register_rebinds_imported_copies_and_later_imports(standin):
     plugin.unregister()
     assert ftr.dispatch_topk_softmax_func is original and shared.dispatch_topk_softmax_func is original
     assert not hasattr(cpu_router._softmax_topk, "__kernmux_hook__")
+
+
+def test_register_hooks_the_moe_oracle_and_mxfp4_selection_with_their_copies(standin):
+    standin()
+    import vllm  # noqa: F401
+
+    oracle = importlib.import_module("vllm.model_executor.layers.fused_moe.oracle.unquantized")
+    method = importlib.import_module("vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method")
+    original = oracle.select_unquantized_moe_backend
+    plugin.register()
+    hooks = plugin.state()["hooks"]
+    assert hooks["moe_experts.unquantized"]["status"] == "installed"
+    assert sorted(hooks["moe_experts.unquantized"]["bindings"]) == [
+        "vllm.model_executor.layers.fused_moe.oracle.unquantized.select_unquantized_moe_backend",
+        "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method.select_unquantized_moe_backend",
+    ]
+    assert method.select_unquantized_moe_backend is oracle.select_unquantized_moe_backend is not original
+    assert hooks["mxfp4_linear.kernel"]["status"] == "pending"
+
+    # Imported later: the scheme's copy is the replacement.
+    scheme = importlib.import_module("vllm.model_executor.layers.quantization.online_mxfp4")
+    linear = sys.modules["vllm.model_executor.kernels.linear"]
+    assert scheme.init_mxfp4_linear_kernel is linear.init_mxfp4_linear_kernel
+    assert linear.init_mxfp4_linear_kernel.__kernmux_hook__ == "mxfp4_linear.kernel"
+    assert plugin.state()["hooks"]["mxfp4_linear.kernel"]["status"] == "installed"
+
+    from tests.integrations import standin_moe_experts as moe
+
+    backend, cls = method.select_unquantized_moe_backend(moe.FusedMoEConfig())
+    assert backend is moe.UnquantizedMoeBackend.CPU and cls.__name__ == "KernmuxCPUUnquantizedExperts"
+
+    plugin.unregister()
+    assert method.select_unquantized_moe_backend is original is oracle.select_unquantized_moe_backend
 
 
 @pytest.mark.parametrize("skip_padding", ["1", "0", None])

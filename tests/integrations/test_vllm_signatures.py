@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kernmux.integrations import vllm as plugin
-from kernmux.integrations.vllm_hooks import indexer, moe_topk
+from kernmux.integrations.vllm_hooks import indexer, moe_experts, moe_topk, mxfp4_linear
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("KERNMUX_VLLM_VENV", ROOT / ".cache" / "vllm-venv"))
@@ -88,3 +88,44 @@ def test_indexer_arguments_are_named_as_the_hooks_read_them(probe):
 
     positional, keywords = indexer.parameter_names(recorder_like(probe["signatures"]["indexer.deep_gemm"]))
     assert positional == tuple(deep_gemm) and set(deep_gemm) == keywords
+
+
+def test_moe_experts_hook_reads_what_vllm_has(probe):
+    """select_unquantized_moe_backend(moe_config); the experts' apply takes exactly the
+    arguments the hook maps, in that order; every FusedMoEConfig field the hook reads
+    exists; the CPU classes the hook keeps in the checkpoint layout are the prepacking
+    ones."""
+    assert names(probe, "moe_experts.unquantized") == ["moe_config"]
+    for key in ("experts.cpu.apply", "experts.triton.apply"):
+        assert tuple(names(probe, key)) == ("self", *moe_experts._APPLY_PARAMS)
+    assert names(probe, "experts.cpu.process_weights_after_loading") == ["self", "layer"]
+    assert "errors" not in probe or "attrs" not in probe["errors"], probe["errors"].get("attrs")
+    attrs = probe["attrs"]
+    read = {"activation", "is_act_and_mul", "has_bias", "is_lora_enabled", "swiglu_limit", "swiglu_alpha",
+            "swiglu_beta", "activation_situ_beta", "activation_situ_linear_beta", "rocm_aiter_fmoe_enabled",
+            "aiter_fmoe_shared_expert_enabled", "in_dtype", "moe_backend", "moe_parallel_config",
+            "experts_per_token"}
+    assert read <= set(attrs["FusedMoEConfig"]), read - set(attrs["FusedMoEConfig"])
+    assert {"use_ep", "use_all2all_kernels"} <= set(attrs["FusedMoEParallelConfig"])
+    assert attrs["MoEActivation.SILU"] == "SILU"
+    assert set(moe_experts.BACKENDS) <= set(attrs["UnquantizedMoeBackend"])
+    assert all("CPUUnquantizedExperts" in mro for mro in attrs["cpu_classes"].values())
+    assert probe["VLLM_BATCH_INVARIANT"] is False
+
+
+def test_mxfp4_linear_hook_reads_what_vllm_has(probe):
+    """init_mxfp4_linear_kernel(activation_quant_key=None); the kernel interface the
+    stand-in reproduces; the classes the hook maps to; on vLLM's CPU platform the hooked
+    selection raises vLLM's own error (no MXFP4 linear kernel there)."""
+    assert names(probe, "mxfp4_linear.kernel") == ["activation_quant_key"]
+    assert names(probe, "mxfp4.process_weights_after_loading") == ["self", "layer"]
+    assert names(probe, "mxfp4.apply_weights") == ["self", "layer", "x", "bias"]
+    assert names(probe, "mxfp4.is_supported") == ["compute_capability"]  # classmethod: cls bound
+    assert names(probe, "mxfp4.can_implement") == ["config"]
+    assert probe["signatures"]["mxfp4._get_linear_backend"] == [["quantization", "KEYWORD_ONLY", False]]
+    attrs = probe["attrs"]
+    assert attrs["mxfp4_classes"] == sorted(name for name, _ in mxfp4_linear.VLLM_KERNELS.values())
+    assert attrs["MxFp4LinearLayerConfig"] == ["activation_quant_key"]
+    assert "MarlinMxFp4LinearKernel" in attrs["mxfp4_lists"]["PlatformEnum.CUDA"]
+    assert attrs["mxfp4_lists"]["PlatformEnum.ROCM"][-2:] == ["AiterMxfp4LinearKernel", "EmulationMxfp4LinearKernel"]
+    assert attrs["mxfp4_cpu_selection"].startswith("ValueError: Failed to find a kernel")

@@ -75,11 +75,16 @@ def generate(path: str) -> dict:
         enforce_eager=True,
         seed=0,
     )
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False, logprobs=1)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params)
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    # The log-probability of each generated token (greedy: the largest of its step).
+    logprobs = [
+        [float(step[token].logprob) for token, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+        for o in outputs
+    ]
     del llm
-    return {"pid": os.getpid(), "tokens": tokens}
+    return {"pid": os.getpid(), "tokens": tokens, "logprobs": logprobs}
 
 
 def main(argv: list[str]) -> int:

@@ -51,9 +51,71 @@ def main() -> None:
         out["signatures"]["aiter_ops.topk_softmax"] = describe(rocm_aiter_ops.topk_softmax)
     except Exception as e:
         out["errors"]["aiter_ops.topk_softmax"] = f"{type(e).__name__}: {e}"
+    moe = "vllm.model_executor.layers.fused_moe"
+    methods = {
+        "experts.cpu.apply": (f"{moe}.experts.cpu_moe", "CPUUnquantizedExperts", "apply"),
+        "experts.cpu.process_weights_after_loading": (f"{moe}.experts.cpu_moe", "CPUUnquantizedExperts",
+                                                      "process_weights_after_loading"),
+        "experts.triton.apply": (f"{moe}.experts.triton_moe", "TritonExperts", "apply"),
+        "mxfp4.apply_weights": ("vllm.model_executor.kernels.linear.mxfp4.base", "MxFp4LinearKernel", "apply_weights"),
+        "mxfp4.process_weights_after_loading": ("vllm.model_executor.kernels.linear.mxfp4.base", "MxFp4LinearKernel",
+                                                "process_weights_after_loading"),
+        "mxfp4.is_supported": ("vllm.model_executor.kernels.linear.mxfp4.base", "MxFp4LinearKernel", "is_supported"),
+        "mxfp4.can_implement": ("vllm.model_executor.kernels.linear.mxfp4.base", "MxFp4LinearKernel", "can_implement"),
+        "mxfp4._get_linear_backend": ("vllm.model_executor.kernels.linear", None, "_get_linear_backend"),
+    }
+    for key, (module, cls, attr) in methods.items():
+        try:
+            owner = importlib.import_module(module)
+            owner = getattr(owner, cls) if cls else owner
+            out["signatures"][key] = describe(getattr(owner, attr))
+        except Exception as e:
+            out["errors"][key] = f"{type(e).__name__}: {e}"
+    out["attrs"] = {}
+    try:
+        import dataclasses
+
+        from vllm.model_executor.layers.fused_moe import config as moe_config
+        from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+        from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+        from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
+
+        out["attrs"]["FusedMoEConfig"] = sorted(
+            [f.name for f in dataclasses.fields(moe_config.FusedMoEConfig)]
+            + [n for n, v in vars(moe_config.FusedMoEConfig).items() if isinstance(v, property)]
+        )
+        out["attrs"]["FusedMoEParallelConfig"] = sorted(
+            [f.name for f in dataclasses.fields(moe_config.FusedMoEParallelConfig)]
+            + [n for n, v in vars(moe_config.FusedMoEParallelConfig).items() if isinstance(v, property)]
+        )
+        out["attrs"]["MoEActivation.SILU"] = MoEActivation.SILU.name
+        out["attrs"]["UnquantizedMoeBackend"] = [b.name for b in UnquantizedMoeBackend]
+        out["attrs"]["cpu_classes"] = {
+            name: [k.__name__ for k in getattr(cpu_moe, name).__mro__]
+            for name in ("CPUUnquantizedExperts", "X86CPUUnquantizedExperts", "ArmCPUUnquantizedExperts",
+                         "PowerCPUUnquantizedExperts")
+        }
+        from vllm.model_executor.kernels import linear
+
+        out["attrs"]["mxfp4_classes"] = sorted(
+            name for name in ("MarlinMxFp4LinearKernel", "AiterMxfp4LinearKernel", "EmulationMxfp4LinearKernel")
+            if isinstance(getattr(linear, name, None), type)
+        )
+        out["attrs"]["mxfp4_lists"] = {str(k): [c.__name__ for c in v] for k, v in linear._POSSIBLE_MXFP4_KERNELS.items()}
+        out["attrs"]["MxFp4LinearLayerConfig"] = [f.name for f in dataclasses.fields(linear.MxFp4LinearLayerConfig)]
+        # The hooked selection on the CPU platform behaves as vLLM's: no MXFP4 linear kernel.
+        try:
+            linear.init_mxfp4_linear_kernel()
+            out["attrs"]["mxfp4_cpu_selection"] = "returned"
+        except ValueError as e:
+            out["attrs"]["mxfp4_cpu_selection"] = f"ValueError: {str(e).splitlines()[0]}"
+    except Exception as e:
+        out["errors"]["attrs"] = f"{type(e).__name__}: {e}"
+
     import vllm.envs as envs
 
     out["VLLM_MOE_SKIP_PADDING"] = bool(envs.VLLM_MOE_SKIP_PADDING)
+    out["VLLM_BATCH_INVARIANT"] = bool(envs.VLLM_BATCH_INVARIANT)
     out["hooks"] = {name: {"status": h["status"], "reason": h["reason"]} for name, h in plugin.state()["hooks"].items()}
     sys.stdout.write(json.dumps(out) + "\n")
 

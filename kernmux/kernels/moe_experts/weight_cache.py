@@ -4,8 +4,9 @@ Engines convert expert weights to a kernel's layout once, at load time. kernmux'
 takes plain [E+S, 2I, H] / [E+S, H, I] tensors, so an adapter whose library needs
 another layout converts on first use and keeps the result for as long as the source
 tensor lives, unchanged: the key holds the tensor's identity, storage pointer, shape,
-strides, dtype and in-place version counter, and the entry is dropped when the source
-tensor is freed. The converted copy doubles that weight's memory.
+strides, dtype and in-place version counter (inference tensors have none), and the
+entry is dropped when the source tensor is freed. The converted copy doubles that
+weight's memory.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ _LOCK = threading.Lock()
 
 
 def _key(tensor: torch.Tensor, tag: str) -> tuple[Any, ...]:
+    # Inference tensors (made under torch.inference_mode, as engines run) have no
+    # version counter: their key cannot see in-place writes.
+    version = None if tensor.is_inference() else tensor._version
     return (id(tensor), tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()),
-            tensor.dtype, tensor._version, tag)
+            tensor.dtype, version, tag)
 
 
 def _forget(ident: int) -> None:
