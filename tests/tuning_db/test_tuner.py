@@ -26,9 +26,10 @@ def _settings(url: str, **kw) -> TuneSettings:
 
 
 def _measured_trials(url: str, study: str) -> list:
-    """Finished optuna trials that carry a measurement (not duplicates/invalid)."""
+    """Finished optuna trials that carry a measurement (not duplicates, back-offs, invalid)."""
     loaded = optuna.load_study(study_name=study, storage=open_study_storage(url))
-    return [t for t in loaded.get_trials(deepcopy=False) if "point" in t.user_attrs]
+    return [t for t in loaded.get_trials(deepcopy=False)
+            if "point" in t.user_attrs and "duplicate_of" not in t.user_attrs]
 
 
 def test_fault_sweep_records_each_failure_and_the_good_kernel_wins(sqlite_url):

@@ -173,11 +173,16 @@ class TuningStore:
             raise
 
     def access_note(self) -> str:
-        """One line for ``db show`` and explain: how the database is opened and why."""
+        """One line for ``db show`` and explain: can the database be written, and how it
+        was opened."""
         if not self.read_only:
             return "read-write"
-        text = self.access + (" (writes fail)" if self.access == "read-only" else " (read-only, taken never to change)")
-        return text + (f": {self.read_only_reason}" if self.read_only_reason else "")
+        if not self.read_only_reason:
+            return "writable (opened read-only: this command only reads)"
+        text = f"read-only: {self.read_only_reason}"
+        if self.access == "immutable":
+            text += "; opened with immutable=1 (changes by other processes are not seen)"
+        return text
 
     def _refuse_write(self) -> None:
         if self.read_only:

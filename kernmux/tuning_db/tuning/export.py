@@ -325,6 +325,6 @@ def merge(store: TuningStore, source: str | pathlib.Path) -> ImportReport:
         text = normalize_url(text)
     if normalize_url(text) == store.url:
         raise TuningDBError(f"cannot merge {store.display_url} into itself")
-    with TuningStore(text, create=False) as other:
+    with TuningStore(text, create=False, read_only=True) as other:
         rows = [row_to_dict(r) for r in other.rows()]
     return import_rows(store, rows)

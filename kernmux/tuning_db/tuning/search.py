@@ -10,7 +10,12 @@ RDB storage): ask a trial, map its parameters to a point, evaluate the point, te
 result. Rules that make the budget go to measurements:
 
 - A point already measured in this study is not measured again: the trial is told the
-  earlier result and marked ``duplicate_of`` (no measurement, no store row).
+  earlier result and marked ``duplicate_of`` (no measurement, no store row). A point
+  claimed by several processes at once is measured by the lowest-numbered claim only
+  (:func:`~kernmux.tuning_db.tuning.recovery.earlier_claim`); the others back off.
+- With a :class:`~kernmux.tuning_db.tuning.recovery.Recovery`, RUNNING trials of dead
+  processes are settled at the top of every iteration (told their stored result, or
+  failed so their point is measured again): they never count toward the budget.
 - A parameter combination the kernel declares invalid is told PRUNED, marked ``invalid``.
 - After ``explore_after`` such trials in a row (TPE has converged on known points), the
   next trial is a random unmeasured point (forced through :class:`ForcingSampler`).
@@ -253,6 +258,7 @@ class StudyState:
     results: dict[str, Any]  # point key -> finished measured FrozenTrial
     in_flight: set[str]  # point keys being measured now
     measured: int  # finished + running measurements (the budget's count)
+    running: list[Any] = field(default_factory=list)  # every RUNNING trial
 
 
 def study_state(study: Any) -> StudyState:
@@ -260,10 +266,13 @@ def study_state(study: Any) -> StudyState:
 
     results: dict[str, Any] = {}
     in_flight: set[str] = set()
+    running: list[Any] = []
     measured = 0
     for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.RUNNING:
+            running.append(t)
         key = t.user_attrs.get("point")
-        if key is None:
+        if key is None or "duplicate_of" in t.user_attrs:
             continue
         if t.state == TrialState.RUNNING:
             in_flight.add(key)
@@ -271,7 +280,7 @@ def study_state(study: Any) -> StudyState:
         elif t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             measured += 1
             results.setdefault(key, t)
-    return StudyState(results, in_flight, measured)
+    return StudyState(results, in_flight, measured, running)
 
 
 def run_search(
@@ -286,14 +295,20 @@ def run_search(
     max_asks: int | None = None,
     first: Sequence[Point] = (),
     on_trial: Callable[[Point, int, Evaluation, LoopStats], None] | None = None,
+    recovery: Any = None,
 ) -> LoopStats:
     """Drive ``study`` until ``budget`` measurements exist in it or every point is measured.
 
     evaluate(point, trial_number) -> Evaluation: measures one point (and records it).
     first: points to measure before any sampled one (e.g. the reference kernel, so a
         speed-up is always known); skipped if already measured.
-    max_asks: a safety stop on trials asked by this call (default 20 x budget)."""
+    max_asks: a safety stop on trials asked by this call (default 20 x budget).
+    recovery: a :class:`~kernmux.tuning_db.tuning.recovery.Recovery` (ownership,
+        heartbeat, reclaim of dead processes' trials); None for a study only this
+        process uses."""
     from optuna.trial import TrialState
+
+    from kernmux.tuning_db.tuning.recovery import abandon, earlier_claim
 
     stats = LoopStats()
     if not isinstance(study.sampler, ForcingSampler):
@@ -306,6 +321,8 @@ def run_search(
     streak = 0
     while True:
         state = study_state(study)
+        if recovery is not None and state.running and recovery.reclaim(study, state.running):
+            state = study_state(study)
         if state.measured >= budget:
             stats.stop_reason = f"budget of {budget} measurements reached"
             break
@@ -330,6 +347,8 @@ def run_search(
         try:
             trial = study.ask()
             stats.asked += 1
+            if recovery is not None:
+                recovery.claim(trial)
             point = suggest(trial, space)
         finally:
             sampler.force(None)
@@ -338,6 +357,8 @@ def run_search(
             study.tell(trial, state=TrialState.PRUNED)
             stats.invalid += 1
             streak += 1
+            if recovery is not None:
+                recovery.release()
             continue
         earlier = state.results.get(point.key)
         if earlier is not None:
@@ -348,42 +369,35 @@ def run_search(
                 study.tell(trial, state=TrialState.PRUNED)
             stats.duplicates += 1
             streak += 1
+            if recovery is not None:
+                recovery.release()
             continue
         streak = 0
         trial.set_user_attr("point", point.key)
+        rival = earlier_claim(study, trial.number, point.key)
+        if rival is not None:  # another process claimed this point first: it measures it
+            trial.set_user_attr("duplicate_of", rival.number)
+            if rival.state == TrialState.COMPLETE:
+                study.tell(trial, rival.value, skip_if_finished=True)
+            else:
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            stats.duplicates += 1
+            if recovery is not None:
+                recovery.release()
+            continue
         try:
             result = evaluate(point, trial.number)
-        except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
+        except BaseException as e:
+            abandon(study, trial, e, recovery)
             raise
         trial.set_user_attr("status", result.status)
         if result.status == "ok" and result.value is not None:
-            study.tell(trial, float(result.value))
+            study.tell(trial, float(result.value), skip_if_finished=True)
         else:
-            study.tell(trial, state=TrialState.PRUNED)
+            study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+        if recovery is not None:
+            recovery.release()
         stats.measured += 1
         if on_trial is not None:
             on_trial(point, trial.number, result, stats)
     return stats
-
-
-def fail_stale_trials(study: Any, storage: Any, older_than_s: float) -> int:
-    """Mark RUNNING trials started more than ``older_than_s`` ago as FAIL (their process
-    died: a trial cannot outlive its timeout). Returns how many were marked."""
-    import datetime
-
-    from optuna.trial import TrialState
-
-    now = datetime.datetime.now()
-    marked = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        start = t.datetime_start
-        if start is None:
-            continue
-        if start.tzinfo is not None:
-            start = start.astimezone().replace(tzinfo=None)
-        if (now - start).total_seconds() > older_than_s:
-            storage.set_trial_user_attr(t._trial_id, "stale", True)
-            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            marked += 1
-    return marked
