@@ -5,15 +5,17 @@ between (``kill -9``, the OOM killer, a lost host) leaves it RUNNING for good: t
 would count it toward the budget and treat its point as taken, so a re-run could end
 with a point never measured.
 
-* Ownership: right after ``ask`` the process records optuna's heartbeat for the trial
-  and writes its identity as the trial's ``owner`` attribute (host, boot id, pid
-  namespace, pid, process start time); while the trial runs, :class:`Heartbeat` records
-  a heartbeat every few seconds.
+* Ownership: right after ``ask`` the process writes its identity as the trial's
+  ``owner`` attribute (host, boot id, pid namespace, pid, process start time), then
+  records optuna's heartbeat for it; while the trial runs, :class:`Heartbeat` records a
+  heartbeat every few seconds.
 * Judgement (:meth:`Recovery.why_dead`): a RUNNING trial is dead when its owner is on
   this machine and that process is gone (or its pid now belongs to a newer process), at
   once; when its heartbeat is older than the grace period (another host; optuna compares
-  database-server times); or, with no owner (killed between ``ask`` and the owner, or
-  written by an older kernmux), when it started longer ago than ``legacy_after_s``.
+  database-server times); when it has no owner and started more than ``unowned_after_s``
+  ago (its process died between ``ask`` and the owner, a few milliseconds; such a trial
+  has no point and never counted); or when its owner is on another host, it has no
+  heartbeat and it started more than ``legacy_after_s`` ago (died before its first beat).
 * Reclaim (:meth:`Recovery.reclaim`): a dead trial whose measurement reached the store
   (the row is written before the trial is told) is told that result; one without a row
   is marked FAIL, so its point counts as unmeasured again. Processes reclaiming the same
@@ -161,7 +163,8 @@ class Recovery:
 
     storage: optuna's RDB storage (the backend, not the cached wrapper); recorded(study
     name) -> a function of the trial number giving the stored row's (status, p50), or
-    None. legacy_after_s: age after which a RUNNING trial without an owner is dead."""
+    None. legacy_after_s: age after which a RUNNING trial is dead whatever it says (no
+    trial outlives its timeout); unowned_after_s: the same for a trial without owner."""
 
     def __init__(
         self,
@@ -169,11 +172,13 @@ class Recovery:
         recorded: Callable[[str], Recorded],
         *,
         legacy_after_s: float,
+        unowned_after_s: float = 60.0,
         heartbeat: bool = True,
     ):
         self.storage = storage
         self.recorded = recorded
         self.legacy_after_s = legacy_after_s
+        self.unowned_after_s = unowned_after_s
         self.owner = this_owner()
         interval = getattr(storage, "heartbeat_interval", None) if heartbeat else None
         self.heartbeat = Heartbeat(storage, interval) if interval else None
@@ -182,10 +187,10 @@ class Recovery:
     # -- this process's trials ------------------------------------------------------
 
     def claim(self, trial: Any) -> None:
-        """Called right after ``ask``: first heartbeat, then the owner attribute."""
+        """Called right after ``ask``: the owner attribute, then the first heartbeat."""
+        trial.set_user_attr("owner", self.owner)
         if self.heartbeat is not None:
             self.heartbeat.watch(trial_id(trial))
-        trial.set_user_attr("owner", self.owner)
 
     def release(self) -> None:
         """Called after ``tell``."""
@@ -215,8 +220,11 @@ class Recovery:
             return ""
         if stale is not None and trial_id(trial) in stale:
             return "no heartbeat within the grace period (its tuning process died)"
-        if owner is None and _age_s(trial) > self.legacy_after_s:
-            return f"running for {_age_s(trial):.0f} s without an owner or heartbeat"
+        age = _age_s(trial)
+        if owner is None and age > self.unowned_after_s:
+            return f"running for {age:.0f} s without an owner (its tuning process died right after asking)"
+        if age > self.legacy_after_s:
+            return f"running for {age:.0f} s, longer than any trial may"
         return ""
 
     def reclaim(self, study: Any, running: Sequence[Any]) -> int:

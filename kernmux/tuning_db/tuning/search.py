@@ -33,16 +33,18 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.registry import REGISTRY
+from kernmux.tuning_db.tuning.samplers import SAMPLERS, ForcingSampler, make_sampler
 
-SAMPLERS = ("tpe", "grid")
-
+__all__ = [
+    "SAMPLERS", "Evaluation", "ForcingSampler", "LoopStats", "Point", "SearchSpace", "StudyState",
+    "build_space", "make_sampler", "restrict", "run_search", "study_state", "suggest",
+]
 
 @dataclass(frozen=True)
 class Point:
@@ -153,72 +155,6 @@ def restrict(space: SearchSpace, fixed: Mapping[str, Mapping[str, Any]]) -> Sear
     return SearchSpace.from_points(kept, space.skipped)
 
 
-# --------------------------------------------------------------------------- samplers
-
-
-def make_sampler(kind: str, seed: int | None, n_points: int, startup_trials: int | None = None) -> Any:
-    """A seeded optuna sampler: TPE (default) or, for grid mode, a random filler.
-
-    startup_trials: TPE's random start; default ``clamp(n_points // 10, 3, 10)`` so small
-    spaces start modelling early."""
-    import optuna
-
-    if kind not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")
-    if kind == "grid":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if startup_trials is None:
-        startup_trials = max(3, min(10, n_points // 10))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
-            seed=seed,
-            n_startup_trials=startup_trials,
-            multivariate=True,
-            group=True,  # conditional space: each kernel's parameters form a group
-            constant_liar=True,  # several processes: running trials count as bad guesses
-        )
-
-
-class ForcingSampler:
-    """Wraps a sampler so this process can dictate the next trial's parameters.
-
-    optuna's ``enqueue_trial`` puts a WAITING trial in the shared storage, which
-    another process may pop (on SQLite two processes can even claim the same one).
-    Forcing through the sampler keeps a forced point local to the process asking."""
-
-    def __init__(self, base: Any) -> None:
-        self.base = base
-        self._forced: dict[str, Any] | None = None
-
-    def force(self, params: Mapping[str, Any] | None) -> None:
-        self._forced = dict(params) if params is not None else None
-
-    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
-        if self._forced is not None:
-            return {}
-        return self.base.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: Any, trial: Any, search_space: Mapping[str, Any]) -> dict[str, Any]:
-        if self._forced is not None:
-            return {}
-        return self.base.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study: Any, trial: Any, param_name: str, distribution: Any) -> Any:
-        if self._forced is not None and param_name in self._forced:
-            return self._forced[param_name]
-        return self.base.sample_independent(study, trial, param_name, distribution)
-
-    def before_trial(self, study: Any, trial: Any) -> None:
-        self.base.before_trial(study, trial)
-
-    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-        self.base.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.base.reseed_rng()
-
-
 def suggest(trial: Any, space: SearchSpace) -> Point:
     """Ask ``trial`` for a kernel, then for that kernel's parameters only."""
     kernel = trial.suggest_categorical("kernel", list(space.kernels))
@@ -306,6 +242,7 @@ def run_search(
     recovery: a :class:`~kernmux.tuning_db.tuning.recovery.Recovery` (ownership,
         heartbeat, reclaim of dead processes' trials); None for a study only this
         process uses."""
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     from kernmux.tuning_db.tuning.recovery import abandon, earlier_claim
@@ -350,6 +287,10 @@ def run_search(
             if recovery is not None:
                 recovery.claim(trial)
             point = suggest(trial, space)
+        except UpdateFinishedTrialError:  # reclaimed by another process while we waited on the database
+            if recovery is not None:
+                recovery.release()
+            continue
         finally:
             sampler.force(None)
         if point.key not in by_key:
@@ -373,7 +314,12 @@ def run_search(
                 recovery.release()
             continue
         streak = 0
-        trial.set_user_attr("point", point.key)
+        try:
+            trial.set_user_attr("point", point.key)
+        except UpdateFinishedTrialError:
+            if recovery is not None:
+                recovery.release()
+            continue
         rival = earlier_claim(study, trial.number, point.key)
         if rival is not None:  # another process claimed this point first: it measures it
             trial.set_user_attr("duplicate_of", rival.number)

@@ -149,8 +149,8 @@ def _recorded(store: Any) -> Callable[[str], Callable[[int], tuple[str, float | 
 
 
 def _legacy_after_s(settings: TuneSettings) -> float:
-    """A trial cannot run longer than its timeout (+ a worker start): an older RUNNING
-    trial without an owner (killed right after ``ask``, or an older kernmux) is dead."""
+    """A trial cannot run longer than its timeout (+ a worker start + a database
+    restart): an older RUNNING trial is dead whatever its owner says."""
     return 2 * settings.timeout_s + 600
 
 
