@@ -62,7 +62,13 @@ def _open(args, *, create: bool = False, check: bool = True):
     """Writing subcommands: a writable store (created when ``create``)."""
     from kernmux.tuning_db.storage.store import TuningStore
 
-    return TuningStore(args.db, create=create, check=check)
+    store = TuningStore(args.db, create=create, check=check)
+    try:
+        store.check_writable()
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def _open_read_only(args, *, check: bool = True):
@@ -198,7 +204,7 @@ def _report_import(args, report, verb: str) -> int:
     else:
         print(printable(f"{verb}: {report.summary()}"))
     if report.error is not None:
-        fail(f"{verb} stopped: {report.error}", 1)
+        fail(f"{verb} stopped {report.error}", 1)
     return 0 if report.ok else 1
 
 

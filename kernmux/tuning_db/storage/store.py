@@ -69,6 +69,14 @@ def _locked(error: BaseException) -> bool:
     return isinstance(error, TuningDBError) and engine_setup.is_lock_error(error.__cause__)
 
 
+def _error_text(error: BaseException) -> str:
+    """A SQLAlchemy error as one line: its class and the driver's message (without the
+    statement and SQLAlchemy's "background" link)."""
+    orig = getattr(error, "orig", None)
+    text = str(orig if orig is not None else error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
 def unwritable_reason(path: pathlib.Path) -> str:
     """Why the SQLite database at ``path`` cannot be written ("" when it can): SQLite
     writes the file and creates its journal (or WAL and shared-memory) files beside it."""
@@ -184,6 +192,11 @@ class TuningStore:
             text += "; opened with immutable=1 (changes by other processes are not seen)"
         return text
 
+    def check_writable(self) -> None:
+        """Raise :class:`TuningDBError` now if this store cannot be written (before a
+        command does any work that would be lost)."""
+        self._refuse_write()
+
     def _refuse_write(self) -> None:
         if self.read_only:
             why = f" ({self.read_only_reason})" if self.read_only_reason else ""
@@ -226,7 +239,7 @@ class TuningStore:
                 session.rollback()
             if is_connection_error(e):
                 raise TuningDBError(f"tuning database {self.display_url} unreachable: {root_cause(e)}") from e
-            raise TuningDBError(f"tuning database {self.display_url}: {type(e).__name__}: {e}") from e
+            raise TuningDBError(f"tuning database {self.display_url}: {_error_text(e)}") from e
         except BaseException:
             with contextlib.suppress(exc.SQLAlchemyError):
                 session.rollback()

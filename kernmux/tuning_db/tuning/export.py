@@ -73,7 +73,7 @@ class ImportReport:
             text += f", {self.not_stored} not stored"
         text += "".join(f"\n  row {i}: {r}" for i, r in self.bad)
         if self.error is not None:
-            text += f"\nimport stopped: {self.error}"
+            text += f"\nimport stopped {self.error}"
         return text
 
 
@@ -218,7 +218,7 @@ def import_rows(store: TuningStore, rows: Sequence[Any]) -> ImportReport:
         except TuningDBError as e:
             report.not_stored = len(pending) - start
             report.error = (
-                f"stopped at row {chunk[0][0]}: {e}; {report.added} row(s) were stored before it, "
+                f"at row {chunk[0][0]}: {e}; {report.added} row(s) were stored before it, "
                 f"{report.not_stored} valid row(s) were not (importing the file again adds only those)"
             )
             break
@@ -268,7 +268,7 @@ def insert_isolated(store: TuningStore, chunk: Sequence[tuple[int, dict[str, Any
         stmt = _insert_ignoring_duplicates(store)
         try:
             with session.begin_nested():
-                session.execute(stmt, [v for _, v in new])
+                session.connection().execute(stmt, [v for _, v in new])
             outcome.added = len(new)
             return outcome
         except Exception as e:
@@ -277,7 +277,7 @@ def insert_isolated(store: TuningStore, chunk: Sequence[tuple[int, dict[str, Any
         for index, values in new:  # the batch was refused: find the rows that are bad
             try:
                 with session.begin_nested():
-                    result = session.execute(stmt, [values])
+                    result = session.connection().execute(stmt, values)
             except Exception as e:
                 if not _row_level(e):
                     raise

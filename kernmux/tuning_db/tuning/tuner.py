@@ -360,6 +360,7 @@ def prepare(settings: TuneSettings, plans: Sequence[Plan]) -> str:
                 f"export` and import that into a new database"
             )
     with schema_lock(url), TuningStore(url, reconnect_window_s=reconnect_window_s()) as store:
+        store.check_writable()
         storage = open_study_storage(store.url)
         recovery = Recovery(storage, _recorded(store), legacy_after_s=_legacy_after_s(settings), heartbeat=False)
         for plan in plans:
