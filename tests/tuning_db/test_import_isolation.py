@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pathlib
 import resource
 import subprocess
 import sys
@@ -149,3 +150,27 @@ def test_cli_import_on_a_full_disk_exits_1_and_says_what_was_committed(make_tria
     assert "were stored" in proc.stderr and "stopped" in proc.stderr
     with TuningStore(f"sqlite:///{target}", read_only=True) as check:
         assert check.count() == report["added"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: pathlib.Path("/dev/zero"), "not a regular file"),
+    (lambda tmp: _fifo(tmp / "fifo"), "not a regular file"),
+    (lambda tmp: _write(tmp / "utf16.json", '{"format": "kernmux-tuning"}'.encode("utf-16")), "not UTF-8"),
+    (lambda tmp: _write(tmp / "deep.json", b"[" * 100_000 + b"]" * 100_000), "nested too deeply"),
+    (lambda tmp: _write(tmp / "big.json", b'{"version": ' + b"9" * 5000 + b"}"), "unreadable JSON"),
+])
+def test_hostile_import_files_end_in_a_message(sqlite_url, tmp_path, capsys, make, message):
+    path = make(tmp_path)
+    assert main(["db", "import", str(path), "--db", sqlite_url]) == 1
+    out, err = capsys.readouterr()
+    assert message in err and "Traceback" not in out + err
+
+
+def _fifo(path: pathlib.Path) -> pathlib.Path:
+    os.mkfifo(path)
+    return path
+
+
+def _write(path: pathlib.Path, data: bytes) -> pathlib.Path:
+    path.write_bytes(data)
+    return path

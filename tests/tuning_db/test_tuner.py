@@ -114,6 +114,10 @@ def test_four_processes_tune_one_study_without_losing_a_trial(store_url):
     # The budget is shared: it may be overshot by at most one trial per extra process.
     assert trials <= len(rows) <= trials + 3
     assert {r.status for r in rows} == {"ok"}
+    # The first claim of a point measures it: no point twice, the baseline once.
+    points = [(r.kernel, json.dumps(r.config, sort_keys=True)) for r in rows]
+    assert len(set(points)) == len(points), sorted(points)
+    assert sum(1 for r in rows if r.kernel == "torch") == 1
 
 
 def test_cli_tune_prints_a_summary_and_json(sqlite_url, capsys):
