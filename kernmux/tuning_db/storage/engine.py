@@ -8,20 +8,19 @@ taken up front instead of failing on a lock upgrade after a read). PostgreSQL:
 Read-only engines (reading commands, the runtime, a database on a read-only mount):
 SQLite opens the file with ``mode=ro`` and never switches its journal mode; where even
 that needs a write (a WAL database in a directory that cannot hold its ``-shm`` file)
-:func:`sqlite_read_mode` picks ``immutable=1``. PostgreSQL sessions are read-only
+:func:`kernmux.tuning_db.storage.access.sqlite_read_mode` picks ``immutable=1``. PostgreSQL sessions are read-only
 transactions (``postgresql_readonly``), so a stray write fails instead of landing.
 """
 
 from __future__ import annotations
 
-import pathlib
 import sqlite3
-import urllib.parse
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 
+from kernmux.tuning_db.storage.access import sqlite_uri
 from kernmux.tuning_db.storage.paths import sqlite_path
 from kernmux.tuning_db.storage.retry import retry
 
@@ -40,35 +39,6 @@ def is_lock_error(error: BaseException | None) -> bool:
 
 def _sqlite_locked(error: BaseException) -> bool:
     return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
-
-
-def sqlite_uri(path: pathlib.Path, **options: str) -> str:
-    """A SQLite ``file:`` URI for ``path`` (characters such as ``?`` and ``#`` escaped)."""
-    query = urllib.parse.urlencode(options)
-    return f"file:{urllib.parse.quote(str(path))}" + (f"?{query}" if query else "")
-
-
-def sqlite_read_mode(path: pathlib.Path) -> tuple[str, str]:
-    """How to read the SQLite file at ``path`` without writing anything: ("ro", "") when
-    ``mode=ro`` works, else ("immutable", why). Raises ``sqlite3.Error`` when the file
-    cannot be read at all."""
-    def probe(**options: str) -> None:
-        conn = sqlite3.connect(sqlite_uri(path, **options), uri=True, timeout=BUSY_TIMEOUT_S)
-        try:
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        finally:
-            conn.close()
-
-    try:
-        probe(mode="ro")
-        return "ro", ""
-    except sqlite3.OperationalError as e:
-        text = str(e).lower()
-        if "readonly" not in text and "read-only" not in text and "unable to open" not in text:
-            raise
-        why = f"mode=ro needs to write SQLite's shared-memory file ({e})"
-    probe(mode="ro", immutable="1")
-    return "immutable", why
 
 
 def make_engine(url: str, *, read_only: bool = False, immutable: bool = False) -> sa.Engine:

@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-import pathlib
-import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -42,11 +39,12 @@ from sqlalchemy import exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from kernmux.dispatch.platform import Platform
+from kernmux.tuning_db.storage import access
 from kernmux.tuning_db.storage import engine as engine_setup
 from kernmux.tuning_db.storage import migrations
 from kernmux.tuning_db.storage.errors import SchemaMismatchError, TuningDBError
 from kernmux.tuning_db.storage.models import Trial
-from kernmux.tuning_db.storage.paths import default_url, normalize_url, sqlite_options, sqlite_path
+from kernmux.tuning_db.storage.paths import default_url, normalize_url, sqlite_path
 from kernmux.tuning_db.storage.records import (
     RECORD_FIELDS,
     TrialRecord,
@@ -77,22 +75,6 @@ def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def unwritable_reason(path: pathlib.Path) -> str:
-    """Why the SQLite database at ``path`` cannot be written ("" when it can): SQLite
-    writes the file and creates its journal (or WAL and shared-memory) files beside it."""
-    directory = path.parent
-    try:
-        if os.statvfs(directory if directory.exists() else directory.parent).f_flag & os.ST_RDONLY:
-            return "it is on a read-only file system"
-    except OSError:
-        pass
-    if path.exists() and not os.access(path, os.W_OK):
-        return "the file is not writable"
-    if directory.exists() and not os.access(directory, os.W_OK | os.X_OK):
-        return f"its directory {directory} is not writable"
-    return ""
-
-
 @functools.lru_cache(maxsize=1)
 def _known_revisions() -> tuple[str, ...]:
     return tuple(migrations.known_revisions())
@@ -120,46 +102,15 @@ class TuningStore:
     ):
         self.url = normalize_url(url) if url else default_url()
         self.display_url = engine_setup.hide_password(self.url)
-        path = sqlite_path(self.url)
         try:
             self.backend = sa.engine.make_url(self.url).get_backend_name()
         except (exc.ArgumentError, ValueError) as e:
             raise TuningDBError(f"not a database URL or path: {self.display_url!r}: {e}") from e
-        options = sqlite_options(self.url)
-        asked_read_only = options.get("mode") == "ro" or options.get("immutable") == "1"
-        # Why writes cannot happen ("" = they can, as far as we can tell).
-        self.read_only_reason = "the URL opens it read-only" if asked_read_only else ""
-        self.read_only = read_only or asked_read_only
+        self._access = access.decide(self.url, create=create, read_only=read_only)
         self.reconnect_window_s = reconnect_window_s
-        self.access = "read-only" if self.read_only else "read-write"
-        immutable = options.get("immutable") == "1"
-        if path is not None:
-            self.read_only_reason = self.read_only_reason or unwritable_reason(path)
-            if (create and not self.read_only) and not path.exists():
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                except OSError as e:
-                    raise TuningDBError(f"cannot create tuning database {path}: {e.strerror or e}") from e
-            elif not path.exists():
-                raise TuningDBError(f"no tuning database at {path} (create one with `kernmux db upgrade --db {self.url}`)")
-            if not self.read_only and self.read_only_reason:
-                raise TuningDBError(
-                    f"tuning database {path} is read-only ({self.read_only_reason}): this command writes to "
-                    f"it; reading commands (db show/export/report, explain, rules derive) and kernmux.ops "
-                    f"open it read-only, or pass --db with a writable database"
-                )
-            if self.read_only and not immutable:
-                try:
-                    mode, why = engine_setup.sqlite_read_mode(path)
-                except sqlite3.Error as e:
-                    raise TuningDBError(f"cannot read tuning database {path}: {type(e).__name__}: {e}") from e
-                immutable = mode == "immutable"
-                if immutable:
-                    self.read_only_reason = self.read_only_reason or why
-            if immutable:
-                self.access = "immutable"
         try:
-            self.engine = engine_setup.make_engine(self.url, read_only=self.read_only, immutable=immutable)
+            self.engine = engine_setup.make_engine(self.url, read_only=self.read_only,
+                                                   immutable=self._access.immutable)
         except (exc.ArgumentError, ValueError, ImportError) as e:
             raise TuningDBError(f"cannot open tuning database {self.display_url}: {e}") from e
         # Same pool; SQLite transactions from this one begin IMMEDIATE (writers).
@@ -180,17 +131,25 @@ class TuningStore:
             self.engine.dispose()
             raise
 
+    @property
+    def read_only(self) -> bool:
+        """True when this store never writes (asked for, or the URL says so)."""
+        return self._access.read_only
+
+    @property
+    def read_only_reason(self) -> str:
+        """Why the database cannot be written ("" when it can, as far as we can tell)."""
+        return self._access.reason
+
+    @property
+    def access(self) -> str:
+        """"read-write", "read-only" or "immutable" (SQLite ``immutable=1``)."""
+        return self._access.mode
+
     def access_note(self) -> str:
         """One line for ``db show`` and explain: can the database be written, and how it
         was opened."""
-        if not self.read_only:
-            return "read-write"
-        if not self.read_only_reason:
-            return "writable (opened read-only: this command only reads)"
-        text = f"read-only: {self.read_only_reason}"
-        if self.access == "immutable":
-            text += "; opened with immutable=1 (changes by other processes are not seen)"
-        return text
+        return self._access.note()
 
     def check_writable(self) -> None:
         """Raise :class:`TuningDBError` now if this store cannot be written (before a

@@ -144,6 +144,20 @@ class Heartbeat:
 # --------------------------------------------------------------------------- recovery
 
 
+def stored_results(store: Any) -> Callable[[str], Recorded]:
+    """study name -> (trial number -> (status, p50) of the row ``store`` holds for that
+    trial, or None): what :class:`Recovery` tells a dead process's trial."""
+
+    def for_study(name: str) -> Recorded:
+        def lookup(number: int) -> tuple[str, float | None] | None:
+            rows = store.rows(study=name, trial_number=number)
+            return (rows[-1].status, rows[-1].p50_us) if rows else None
+
+        return lookup
+
+    return for_study
+
+
 def trial_id(trial: Any) -> int:
     """optuna's storage id of a trial (``Trial`` and ``FrozenTrial`` both carry it)."""
     return trial._trial_id

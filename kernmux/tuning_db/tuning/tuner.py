@@ -29,9 +29,8 @@ import os
 import queue as queue_module
 import traceback
 import warnings
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from kernmux.dispatch.platform import Platform, current_platform
@@ -46,6 +45,7 @@ from kernmux.tuning_db.tuning.search import (
     restrict,
     run_search,
 )
+from kernmux.tuning_db.tuning.results import BucketResult, summarize
 from kernmux.tuning_db.tuning.study_storage import load_study as _load_study
 from kernmux.tuning_db.tuning.study_storage import open_study_storage, schema_lock
 
@@ -108,44 +108,7 @@ class Plan:
     study: str
 
 
-@dataclass
-class BucketResult:
-    """The outcome of tuning one feature set (read back from the store)."""
-
-    features: dict[str, Any]
-    bucket: dict[str, Any]
-    study: str
-    points: int
-    skipped: dict[str, str]
-    rows: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)
-    best_kernel: str | None = None
-    best_config: dict[str, Any] | None = None
-    best_p50_us: float | None = None
-    best_row_id: int | None = None
-    baseline: str | None = None
-    baseline_p50_us: float | None = None
-    speedup: float | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 # --------------------------------------------------------------------------- storage
-
-
-def _recorded(store: Any) -> Callable[[str], Callable[[int], tuple[str, float | None] | None]]:
-    """study name -> (trial number -> (status, p50) of its stored row, or None)."""
-
-    def for_study(name: str) -> Callable[[int], tuple[str, float | None] | None]:
-        def lookup(number: int) -> tuple[str, float | None] | None:
-            rows = store.rows(study=name, trial_number=number)
-            return (rows[-1].status, rows[-1].p50_us) if rows else None
-
-        return lookup
-
-    return for_study
 
 
 def _legacy_after_s(settings: TuneSettings) -> float:
@@ -229,14 +192,14 @@ def run_agent(
     from kernmux.tuning_db.measurement.trial import TrialSpec
     from kernmux.tuning_db.measurement.worker import InProcessRunner, TrialWorker
     from kernmux.tuning_db.storage.store import TuningStore
-    from kernmux.tuning_db.tuning.recovery import Recovery
+    from kernmux.tuning_db.tuning.recovery import Recovery, stored_results
 
     for module in settings.imports:
         importlib.import_module(module)
     url = settings.url
     store = TuningStore(url, reconnect_window_s=reconnect_window_s())
     storage = open_study_storage(store.url)
-    recovery = Recovery(storage, _recorded(store), legacy_after_s=_legacy_after_s(settings))
+    recovery = Recovery(storage, stored_results(store), legacy_after_s=_legacy_after_s(settings))
     runner_cls = TrialWorker if settings.isolate else InProcessRunner
     with runner_cls(imports=settings.imports) as runner, contextlib.closing(recovery):
         for plan in plans:
@@ -346,7 +309,7 @@ def prepare(settings: TuneSettings, plans: Sequence[Plan]) -> str:
     from kernmux.tuning_db.storage.errors import TuningDBError
     from kernmux.tuning_db.storage.paths import sqlite_path
     from kernmux.tuning_db.storage.store import TuningStore
-    from kernmux.tuning_db.tuning.recovery import Recovery
+    from kernmux.tuning_db.tuning.recovery import Recovery, stored_results
 
     url = normalize_url(settings.url) if settings.url else default_url()
     path = sqlite_path(url)
@@ -362,7 +325,7 @@ def prepare(settings: TuneSettings, plans: Sequence[Plan]) -> str:
     with schema_lock(url), TuningStore(url, reconnect_window_s=reconnect_window_s()) as store:
         store.check_writable()
         storage = open_study_storage(store.url)
-        recovery = Recovery(storage, _recorded(store), legacy_after_s=_legacy_after_s(settings), heartbeat=False)
+        recovery = Recovery(storage, stored_results(store), legacy_after_s=_legacy_after_s(settings), heartbeat=False)
         for plan in plans:
             if not plan.space.points:
                 continue
@@ -418,34 +381,3 @@ def _replace(settings: TuneSettings, **changes: Any) -> TuneSettings:
     import dataclasses
 
     return dataclasses.replace(settings, **changes)
-
-
-def summarize(settings: TuneSettings, plans: Sequence[Plan], platform: Platform) -> list[BucketResult]:
-    """Per feature set: rows and statuses of its study, the pick the dispatcher's rule
-    (:func:`kernmux.tuning_db.storage.selection.choose_best`) makes from them, and the speed-up over
-    the baseline kernel's best ok row."""
-    from kernmux.tuning_db.storage.selection import choose_best
-    from kernmux.tuning_db.storage.store import TuningStore
-
-    results = []
-    with TuningStore(settings.url) as store:
-        for plan in plans:
-            rows = store.rows(op=settings.op, study=plan.study)
-            result = BucketResult(
-                features=plan.features, bucket=plan.bucket, study=plan.study, points=len(plan.space),
-                skipped=dict(plan.space.skipped), rows=len(rows),
-                statuses=dict(Counter(r.status for r in rows)), baseline=settings.baseline,
-            )
-            best, notes = choose_best(rows, platform)
-            result.notes = list(notes)
-            if best is not None:
-                result.best_kernel, result.best_config = best.kernel, dict(best.config)
-                result.best_p50_us, result.best_row_id = best.p50_us, best.id
-            if settings.baseline:
-                base, _ = choose_best(rows, platform, [settings.baseline])
-                if base is not None:
-                    result.baseline_p50_us = base.p50_us
-                    if best is not None and best.p50_us:
-                        result.speedup = base.p50_us / best.p50_us
-            results.append(result)
-    return results
