@@ -5,9 +5,10 @@ that turns the environment into the objects it is handed:
 
 - rules: the ``--rules`` files, then ``KERNMUX_RULES``, then the shipped files
   (:func:`kernmux.rules.loader.load_rules`), loaded on first use;
-- tuning: the database at ``--db`` / ``KERNMUX_DB`` / the default SQLite file, opened on
-  first use (:func:`kernmux.tuning_db.storage.source.open_tuning_source`); a missing database or
-  missing database extra is a note in explain, never an error;
+- tuning: the database at ``--db`` / ``KERNMUX_DB`` / the default SQLite file, opened
+  read-only on first use (:func:`kernmux.tuning_db.storage.source.open_tuning_source`); a
+  missing database or missing database extra is a note in explain, never an error, and
+  so is a database that cannot be written (self-check verdicts then stay in the process);
 - statistics: one INFO log line per new decision and, when ``KERNMUX_STATS_PATH`` is set,
   per-problem call counters (:mod:`kernmux.stats`);
 - self-check: ``KERNMUX_SELF_CHECK`` (auto | always | off), verdicts read from and written
@@ -56,7 +57,12 @@ def tuning_factory(db_url: str | None = None) -> Callable[[], tuple[Any, str]]:
             from kernmux.tuning_db.storage.source import open_tuning_source
         except ImportError as e:
             return None, f"tuning database support not installed ({e.name}); pip install 'kernmux[tuning]'"
-        return open_tuning_source(db_url)
+        source, note = open_tuning_source(db_url)
+        reason = getattr(getattr(source, "store", None), "read_only_reason", "")
+        if source is not None and reason:
+            note = (f"tuning database {source.url} is read-only ({reason}): its rows are used; "
+                    f"self-check results stay in this process")
+        return source, note
 
     return open_
 

@@ -1,7 +1,9 @@
 """``kernmux db upgrade | show | export | import | merge | report``: inspect and move tuning data.
 
 Every subcommand takes ``--db URL`` (default: ``KERNMUX_DB`` or the default SQLite file)
-and ``--json``. Heavy imports (SQLAlchemy, alembic) happen inside ``run_*``.
+and ``--json``. Heavy imports (SQLAlchemy, alembic) happen inside ``run_*``. Reading
+subcommands (show, export, report) open the database read-only, so a database on a
+read-only mount works; writing ones (upgrade, import, merge) refuse an in-memory one.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from kernmux.cli.common import add_json_flag, fail, print_json
+from kernmux.cli.common import add_json_flag, fail, print_json, printable
 
 
 def _common(parser) -> None:
@@ -57,9 +59,33 @@ def register(subparsers) -> None:
 
 
 def _open(args, *, create: bool = False, check: bool = True):
+    """Writing subcommands: a writable store (created when ``create``)."""
     from kernmux.tuning_db.storage.store import TuningStore
 
-    return TuningStore(args.db, create=create, check=check)
+    store = TuningStore(args.db, create=create, check=check)
+    try:
+        store.check_writable()
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _open_read_only(args, *, check: bool = True):
+    """Reading subcommands: never writes, works on a read-only file or mount."""
+    from kernmux.tuning_db.storage.store import TuningStore
+
+    return TuningStore(args.db, create=False, check=check, read_only=True)
+
+
+def _not_persistent(args) -> str:
+    """Why ``--db`` cannot keep what a writing subcommand writes ("" when it can)."""
+    from kernmux.tuning_db.storage.paths import default_url, normalize_url, persistence_problem
+
+    return persistence_problem(normalize_url(args.db) if args.db else default_url())
+
+
+_WRITING = {"run_upgrade", "run_import", "run_merge"}
 
 
 def _guard(fn):
@@ -71,6 +97,10 @@ def _guard(fn):
             from kernmux.tuning_db.tuning.export import ExportFormatError
         except ImportError as e:
             return fail(f"tuning database support is not installed ({e.name}); pip install 'kernmux[tuning]'", 1)
+        if fn.__name__ in _WRITING:
+            problem = _not_persistent(args)
+            if problem:
+                return fail(problem, 2)
         try:
             return fn(args)
         except (TuningDBError, ExportFormatError, OSError) as e:
@@ -101,10 +131,11 @@ def run_upgrade(args) -> int:
 
 @_guard
 def run_show(args) -> int:
-    with _open(args, check=False) as store:
+    with _open_read_only(args, check=False) as store:
         status = store.schema_status()
         info: dict[str, Any] = {
             "db": store.display_url,
+            "access": store.access_note(),
             "schema": {"status": status, "revision": store.revision(), "code_head": store.head_revision()},
         }
         if status == "current":
@@ -118,6 +149,7 @@ def run_show(args) -> int:
         return 0 if status == "current" else 1
     schema = info["schema"]
     print(f"database: {info['db']}")
+    print(f"access:   {info['access']}")
     print(f"schema:   {schema['status']} (database {schema['revision'] or '-'}, code {schema['code_head']})")
     if status == "older":
         print(f"          run `kernmux db upgrade --db {info['db']}`")
@@ -143,7 +175,7 @@ def run_show(args) -> int:
         print("\nlatest rows:")
     for r in info.get("latest", []):
         timing = f"p50 {r['p50_us']:.2f} us" if r["p50_us"] is not None else (r["error"] or "")[:60]
-        print(f"  #{r['id']} {r['created_at'][:19]} {r['op']}/{r['kernel']} {r['status']} {r['bucket']} {r['config']} {timing}")
+        print(printable(f"  #{r['id']} {r['created_at'][:19]} {r['op']}/{r['kernel']} {r['status']} {r['bucket']} {r['config']} {timing}"))
     return 0
 
 
@@ -151,7 +183,7 @@ def run_show(args) -> int:
 def run_export(args) -> int:
     from kernmux.tuning_db.tuning.export import write_export
 
-    with _open(args) as store:
+    with _open_read_only(args) as store:
         if args.output:
             n = write_export(store, args.output, op=args.op)
         else:
@@ -165,11 +197,15 @@ def run_export(args) -> int:
 
 
 def _report_import(args, report, verb: str) -> int:
+    """What was stored, every bad row and, when the database failed midway, what was
+    not: exit 1 unless every row was stored or already present."""
     if args.json:
-        print_json({"ok": not report.bad, **report.as_dict()})
+        print_json({"ok": report.ok, **report.as_dict()})
     else:
-        print(f"{verb}: {report.summary()}")
-    return 1 if report.bad else 0
+        print(printable(f"{verb}: {report.summary()}"))
+    if report.error is not None:
+        fail(f"{verb} stopped {report.error}", 1)
+    return 0 if report.ok else 1
 
 
 @_guard
@@ -194,7 +230,7 @@ def run_merge(args) -> int:
 def run_report(args) -> int:
     from kernmux.tuning_db.tuning.report import write_report
 
-    with _open(args) as store:
+    with _open_read_only(args) as store:
         sections = write_report(store, args.output, op=args.op)
     if args.json:
         print_json({"ok": True, "output": args.output, "sections": sections})

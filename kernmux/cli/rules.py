@@ -52,13 +52,16 @@ def run_derive(args) -> int:
     except ImportError as e:
         return fail(f"tuning database support is not installed ({e.name}); pip install 'kernmux[tuning]'", 1)
     try:
-        store = TuningStore(args.db, create=False)
-        text, count = derive_rules(store, op=args.op)
+        with TuningStore(args.db, create=False, read_only=True) as store:
+            text, count = derive_rules(store, op=args.op)
     except TuningDBError as e:
         return fail(str(e), 1)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        try:
+            with open(args.output, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except OSError as e:
+            return fail(f"cannot write {args.output}: {e.strerror or e}", 1)
     if args.json:
         print_json({"rules": count, "output": args.output, "yaml": None if args.output else text})
     elif not args.output:

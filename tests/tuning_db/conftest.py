@@ -7,6 +7,7 @@
   ``scripts/ci_postgres.sh`` installs the binaries. Without them the PostgreSQL cases
   are skipped, unless ``KERNMUX_REQUIRE_POSTGRES=1`` or ``CI=true`` makes that a failure.
 * ``pg_url``: a fresh database on that server per test, dropped afterwards.
+* ``own_pg_server``: a PostgreSQL server for one test only (it may stop and restart it).
 * ``store_url``: parametrized over ``["sqlite", "postgresql"]``.
 * ``make_trial``: a factory of valid :class:`TrialRecord` s (keyword overrides).
 """
@@ -85,7 +86,7 @@ class PostgresServer:
             str(self.bindir / "initdb"), "-D", str(self.data), "-U", PG_USER,
             "--auth=trust", "--encoding=UTF8", "--no-sync",
         )
-        options = " ".join([
+        self._options = " ".join([
             f"-p {self.port}", "-c listen_addresses=127.0.0.1",
             f"-c unix_socket_directories={self.root}",
             # A test server: durability off for speed.
@@ -94,7 +95,7 @@ class PostgresServer:
         ])
         self._run(
             str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"),
-            "-o", options, "-w", "-t", "60", "start",
+            "-o", self._options, "-w", "-t", "60", "start",
         )
 
     def url(self, database: str = "postgres") -> str:
@@ -106,9 +107,19 @@ class PostgresServer:
         with psycopg.connect(host="127.0.0.1", port=self.port, user=PG_USER, dbname=database, autocommit=True) as conn:
             conn.execute(sql)
 
+    def halt(self) -> None:
+        """Stop the server, keeping its data (``resume`` starts it again on the same port)."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"),
+                  "-o", self._options, "-w", "-t", "60", "start")
+
     def stop(self) -> None:
         try:
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        except subprocess.CalledProcessError:
+            pass  # already stopped (a test halted it)
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -119,8 +130,8 @@ class PostgresServer:
             return ""
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
+def _started_server() -> PostgresServer:
+    """A started throwaway server, or a skip/failure saying why there is none."""
     # CI (CI=true) installs the binaries with scripts/ci_postgres.sh: never skip there.
     required = os.environ.get("KERNMUX_REQUIRE_POSTGRES") == "1" or os.environ.get("CI") == "true"
     bindir = _find_pg_bin()
@@ -138,6 +149,20 @@ def pg_server() -> Iterator[PostgresServer]:
         server.stop()
         pytest.fail(f"could not start PostgreSQL from {bindir}: {e}\n{detail}\n{server.log_tail()}")
     server.admin(f"CREATE DATABASE {TEST_DATABASE}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    server = _started_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_pg_server() -> Iterator[PostgresServer]:
+    """A server of this test's own: stopping it mid-test disturbs no other test."""
+    server = _started_server()
     yield server
     server.stop()
 

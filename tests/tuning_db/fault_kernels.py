@@ -12,6 +12,9 @@ Kernels (all ``test_only=True``; never shipped, hidden from ``kernmux ops``):
 - ``wrong``   returns x * scale + 0.5                       -> numerics_failed
 - ``partial`` writes only the first half of its output      -> numerics_failed (poisoned)
 - ``raises``  raises RuntimeError                           -> error
+- ``sleepy``  correct but slow (sleeps SLEEPY_S per call), a config space of
+              SLEEPY_STEPS points: trials long enough to kill a tune or stop its
+              database in the middle of one
 
 Importing this module registers the op once per process (workers import it by name).
 """
@@ -49,6 +52,8 @@ BAD_KERNELS = {
     "raises": "error",
 }
 GOOD_SPACE = {"chunk": (1, 2, 3, 4, 5, 6, 7, 8), "order": ("fwd", "rev")}
+SLEEPY_S = float(os.environ.get("KERNMUX_TEST_SLEEPY_S", "0.02"))
+SLEEPY_STEPS = 8
 
 
 def reference(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -101,6 +106,11 @@ def good(x: torch.Tensor, scale: float, *, config: dict) -> torch.Tensor:
     for src, dst in chunks:
         torch.mul(src, scale, out=dst)
     return out
+
+
+def sleepy(x: torch.Tensor, scale: float, *, config: dict) -> torch.Tensor:
+    time.sleep(SLEEPY_S)
+    return reference(x, scale)
 
 
 def abort_kernel(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -175,6 +185,11 @@ def register() -> None:
         config_space=GOOD_SPACE, default_config={"chunk": 1, "order": "fwd"},
         config_valid=lambda config, features: config["chunk"] <= int(features["n"]),
         doc="test-only correct kernel with a config space",
+    )
+    register_kernel(
+        op=OP, name="sleepy", impl=sleepy, priority=5, test_only=True,
+        config_space={"step": tuple(range(SLEEPY_STEPS))}, default_config={"step": 0},
+        doc="test-only correct, slow kernel with a config space",
     )
 
 

@@ -63,15 +63,15 @@ def test_derived_rules_are_lint_clean_and_carry_evidence(failures, tmp_path):
     doc = {r["id"]: r for r in yaml.safe_load(text)["rules"]}
     chunked = doc["db-deny-toy-attention-chunked-cpu"]
     # Only batch separates the crash from the ok trials.
-    assert chunked["when"] == {"vendor": "cpu", "arch": "cpu", "batch": 3}
+    assert chunked["when"] == {"vendor": "cpu", "arch": "cpu", "device": "cpu", "batch": 3}
     assert "1 failed trial(s) of chunked (crashed x1) on cpu/cpu (cpu), 2 ok" in chunked["reason"]
     assert "SIGSEGV" in chunked["reason"] and "torch 2.13.0" in chunked["reason"]
     assert re.search(r"#rows=\d+$", chunked["link"])
     flaky = doc["db-deny-toy-attention-flaky-cpu"]
-    assert flaky["when"]["batch"] == [3, 4] and flaky["when"]["heads"] == 8 and "device" not in flaky["when"]
+    assert flaky["when"]["batch"] == [3, 4] and flaky["when"]["heads"] == 8 and flaky["when"]["device"] == "cpu"
     assert "error x1, numerics_failed x1" in flaky["reason"] and "metrics e.g. nan=1.0" in flaky["reason"]
-    assert "toy_attention/wide on cpu/cpu: failures share every feature value with ok trials" in text
-    assert "ghost_op/torch on cpu/cpu: op not registered in this process" in text
+    assert "toy_attention/wide on cpu/cpu (cpu): failures share every feature value with ok trials" in text
+    assert "ghost_op/torch on cpu/cpu (cpu): op not registered in this process" in text
 
     rules = {r.id: r for r in load_rule_file(path)}
     features = REGISTRY.op(OP).default_features()

@@ -17,7 +17,6 @@ from kernmux.tuning_db.tuning.search import (  # noqa: E402
     Point,
     SearchSpace,
     build_space,
-    fail_stale_trials,
     make_sampler,
     run_search,
 )
@@ -166,17 +165,6 @@ def test_seeded_tpe_is_reproducible():
         run_search(_study(seed=11, n=len(space)), space, rec, budget=10, seed=11)
         runs.append([p.key for p in rec.calls])
     assert runs[0] == runs[1]
-
-
-def test_stale_running_trials_are_failed():
-    storage = optuna.storages.InMemoryStorage()
-    study = optuna.create_study(storage=storage)
-    orphan = study.ask()
-    orphan.set_user_attr("point", "x")
-    assert fail_stale_trials(study, storage, older_than_s=3600) == 0
-    assert fail_stale_trials(study, storage, older_than_s=-1) == 1
-    frozen = study.trials[0]
-    assert frozen.state == TrialState.FAIL and frozen.user_attrs["stale"] is True
 
 
 def test_unknown_sampler_is_refused():

@@ -26,9 +26,10 @@ def _settings(url: str, **kw) -> TuneSettings:
 
 
 def _measured_trials(url: str, study: str) -> list:
-    """Finished optuna trials that carry a measurement (not duplicates/invalid)."""
+    """Finished optuna trials that carry a measurement (not duplicates, back-offs, invalid)."""
     loaded = optuna.load_study(study_name=study, storage=open_study_storage(url))
-    return [t for t in loaded.get_trials(deepcopy=False) if "point" in t.user_attrs]
+    return [t for t in loaded.get_trials(deepcopy=False)
+            if "point" in t.user_attrs and "duplicate_of" not in t.user_attrs]
 
 
 def test_fault_sweep_records_each_failure_and_the_good_kernel_wins(sqlite_url):
@@ -113,6 +114,10 @@ def test_four_processes_tune_one_study_without_losing_a_trial(store_url):
     # The budget is shared: it may be overshot by at most one trial per extra process.
     assert trials <= len(rows) <= trials + 3
     assert {r.status for r in rows} == {"ok"}
+    # The first claim of a point measures it: no point twice, the baseline once.
+    points = [(r.kernel, json.dumps(r.config, sort_keys=True)) for r in rows]
+    assert len(set(points)) == len(points), sorted(points)
+    assert sum(1 for r in rows if r.kernel == "torch") == 1
 
 
 def test_cli_tune_prints_a_summary_and_json(sqlite_url, capsys):

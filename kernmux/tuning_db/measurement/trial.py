@@ -25,7 +25,7 @@ from typing import Any
 
 from kernmux.dispatch.platform import Platform, current_platform
 from kernmux.dispatch.registry import REGISTRY, Kernel
-from kernmux.tuning_db.storage.records import TrialRecord, relevant_libs
+from kernmux.tuning_db.storage.records import TrialRecord, relevant_libs, storable_text
 
 # Errors are stored as text; a traceback tail is enough to find the line.
 _MAX_ERROR_CHARS = 2000
@@ -122,6 +122,8 @@ def base_record(spec: TrialSpec, platform: Platform | None = None, **fields: Any
         **platform_fields(platform, requires),
     )
     values.update(fields)
+    if isinstance(values["error"], str):  # a kernel's message may hold anything; the row must store
+        values["error"] = storable_text(values["error"])
     return TrialRecord(**values)
 
 

@@ -75,13 +75,16 @@ class DatabaseVerdicts:
             error=None if verdict.passed else f"numerics: self-check: {verdict.detail}"[:2000],
             **platform_fields(platform, requires),
         )
+        source = self._source()
+        reason = getattr(getattr(source, "store", None), "read_only_reason", "")
+        if reason:  # a database shipped read-only: the verdict lives in this process
+            return f"this process only (tuning database read-only: {reason})"
         with self._lock:
             if self._store is None:
                 from kernmux.tuning_db.storage.store import TuningStore
 
                 self._store = TuningStore(self.url, create=True)
             row_id = self._store.record(record)
-        source = self._source()
         if source is not None and hasattr(source, "refresh"):
             source.refresh(force=True)
         return f"row {row_id}"

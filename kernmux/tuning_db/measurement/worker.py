@@ -43,8 +43,31 @@ def _signal_name(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``).
+
+    A ``kill -9`` of ``kernmux tune`` must not leave a worker measuring (and holding a
+    GPU) for up to a trial's timeout. Elsewhere this is a no-op: a worker then notices
+    its parent is gone when its pipe closes."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = multiprocessing.parent_process()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent is not None and parent.pid is not None and os.getppid() != parent.pid:
+        os._exit(1)  # the parent died before the request took effect
+
+
 def _serve(conn: Any, imports: Sequence[str], env: Mapping[str, str]) -> None:
     """Child main loop: import, say ready, then run trials until told to stop."""
+    die_with_parent()
     os.environ.update(env)
     import faulthandler
 

@@ -10,6 +10,8 @@ Modules (lightest first; only ``engine``, ``models``, ``store``, ``ceiling_store
 * ``selection`` -- :func:`choose_best`: the fastest usable row, with notes on what was
   ignored (the one rule shared by the store, the resolver and the tuner).
 * ``retry`` -- the one retry-with-backoff helper (locked SQLite, dropped connections).
+* ``access`` -- read-write, read-only or immutable, and why (a database on a read-only
+  mount is read, never written).
 * ``engine`` -- SQLAlchemy engine set-up (SQLite WAL, busy timeout, BEGIN IMMEDIATE).
 * ``models`` and ``migrations/`` -- the ORM tables and the alembic history that owns them.
 * ``store`` -- :class:`TuningStore`: insert-only rows, queries, schema status/upgrade.

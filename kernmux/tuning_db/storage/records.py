@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import re
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -133,11 +134,64 @@ def content_hash(record: TrialRecord) -> str:
     return hashlib.sha256(_canonical(identity).encode()).hexdigest()
 
 
-def _json_value(value: Any, where: str, *, nonfinite_ok: bool) -> Any:
+# What every backend can store: PostgreSQL ``integer`` columns are 32-bit; JSON numbers
+# are kept within 64 bits so a row means the same on SQLite, PostgreSQL and in other tools.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+MAX_JSON_DEPTH = 32
+# Characters a name (op, kernel, study, ...) may not hold: C0/C1 controls (newline, NUL,
+# escape ...) and the Unicode line/paragraph separators. Names end up in YAML comments,
+# log lines and terminal tables.
+_NAME_BREAKERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A bounded ``repr`` for messages (huge integers and long strings are cut, never expanded)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**limit:
+        return f"<integer of about {int(math.log10(abs(value)))} digits>"
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit]
+        return repr(value)[:-1] + "...'"
+    text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else f"<{type(value).__name__}>"
+    return text if len(text) <= limit + 10 else text[: limit + 10] + "..."
+
+
+def _check_text(value: str, where: str, *, name: bool = False) -> str:
+    """``value`` if every backend stores it unchanged: valid UTF-8 (no lone surrogate), no
+    NUL byte (PostgreSQL text cannot hold one); names also hold no line break or control."""
+    if "\x00" in value:
+        raise InvalidTrialError(f"{where}: NUL character at position {value.index(chr(0))} (not storable)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidTrialError(f"{where}: not valid Unicode text (lone surrogate at position {e.start})") from None
+    if name:
+        bad = _NAME_BREAKERS.search(value)
+        if bad is not None:
+            raise InvalidTrialError(
+                f"{where}: control character {bad.group()!r} at position {bad.start()} (names are one line of text)"
+            )
+    return value
+
+
+def storable_text(text: str) -> str:
+    """``text`` with what no backend can store escaped (NUL, lone surrogates): for free text
+    such as a kernel's error message, which must never cost the trial its row."""
+    text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _json_value(value: Any, where: str, *, nonfinite_ok: bool, depth: int = 0) -> Any:
     """``value`` as plain JSON (lists for tuples); raises InvalidTrialError naming ``where``."""
-    if value is None or isinstance(value, (str, bool)):
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidTrialError(f"{where}: nested deeper than {MAX_JSON_DEPTH} levels")
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, str):
+        return _check_text(value, where)
     if isinstance(value, int):
+        if abs(value) > INT64_MAX:
+            raise InvalidTrialError(f"{where}: integer {shown(value)} outside the 64-bit range")
         return int(value)
     if isinstance(value, float):
         if math.isfinite(value):
@@ -149,12 +203,13 @@ def _json_value(value: Any, where: str, *, nonfinite_ok: bool) -> Any:
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise InvalidTrialError(f"{where}: keys must be strings, got {k!r}")
-            out[k] = _json_value(v, f"{where}.{k}", nonfinite_ok=nonfinite_ok)
+                raise InvalidTrialError(f"{where}: keys must be strings, got {shown(k)}")
+            _check_text(k, f"{where} key")
+            out[k] = _json_value(v, f"{where}.{k[:40]}", nonfinite_ok=nonfinite_ok, depth=depth + 1)
         return out
     if isinstance(value, (list, tuple)):
-        return [_json_value(v, f"{where}[{i}]", nonfinite_ok=nonfinite_ok) for i, v in enumerate(value)]
-    raise InvalidTrialError(f"{where}: expected a JSON value, got {type(value).__name__} {value!r}")
+        return [_json_value(v, f"{where}[{i}]", nonfinite_ok=nonfinite_ok, depth=depth + 1) for i, v in enumerate(value)]
+    raise InvalidTrialError(f"{where}: expected a JSON value, got {type(value).__name__} {shown(value)}")
 
 
 def _opt_float(record: TrialRecord, name: str) -> float | None:
@@ -162,8 +217,11 @@ def _opt_float(record: TrialRecord, name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidTrialError(f"{name}: expected a number of microseconds or None, got {value!r}")
-    value = float(value)
+        raise InvalidTrialError(f"{name}: expected a number of microseconds or None, got {shown(value)}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise InvalidTrialError(f"{name}: {shown(value)} is too large for a float") from None
     if not math.isfinite(value) or value < 0:
         raise InvalidTrialError(f"{name}: expected a finite non-negative number, got {value!r}")
     return value
@@ -174,28 +232,30 @@ def _opt_int(record: TrialRecord, name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidTrialError(f"{name}: expected a non-negative int or None, got {value!r}")
+        raise InvalidTrialError(f"{name}: expected a non-negative int or None, got {shown(value)}")
+    if value > INT32_MAX:
+        raise InvalidTrialError(f"{name}: {shown(value)} is larger than {INT32_MAX} (a 32-bit column)")
     return int(value)
 
 
-def _opt_str(record: TrialRecord, name: str, limit: int | None = None) -> str | None:
+def _opt_str(record: TrialRecord, name: str, limit: int | None = None, *, is_name: bool = False) -> str | None:
     value = getattr(record, name)
     if value is None:
         return None
     if not isinstance(value, str):
-        raise InvalidTrialError(f"{name}: expected a string or None, got {value!r}")
+        raise InvalidTrialError(f"{name}: expected a string or None, got {shown(value)}")
     if limit is not None and len(value) > limit:
         raise InvalidTrialError(f"{name}: longer than {limit} characters")
-    return value
+    return _check_text(value, name, name=is_name)
 
 
 def _req_str(record: TrialRecord, name: str, limit: int) -> str:
     value = getattr(record, name)
     if not isinstance(value, str) or not value:
-        raise InvalidTrialError(f"{name}: expected a non-empty string, got {value!r}")
+        raise InvalidTrialError(f"{name}: expected a non-empty string, got {shown(value)}")
     if len(value) > limit:
         raise InvalidTrialError(f"{name}: longer than {limit} characters")
-    return value
+    return _check_text(value, name, name=True)
 
 
 def _req_obj(record: TrialRecord, name: str, *, nonfinite_ok: bool = False) -> dict:
@@ -205,23 +265,32 @@ def _req_obj(record: TrialRecord, name: str, *, nonfinite_ok: bool = False) -> d
     return _json_value(value, name, nonfinite_ok=nonfinite_ok)
 
 
+def _utc_time(created: Any) -> dt.datetime:
+    if not isinstance(created, dt.datetime):
+        raise InvalidTrialError(f"created_at: expected a datetime, got {shown(created)}")
+    try:
+        return as_utc(created)
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is before year 1 in UTC
+        raise InvalidTrialError(f"created_at: {created.isoformat()} is out of range in UTC") from None
+
+
 def normalize_record(record: TrialRecord, *, stamp: bool = True) -> TrialRecord:
     """A validated copy of ``record`` in stored form (floats as float, UTC time).
 
     stamp: fill ``created_at`` (now, UTC) and ``host`` when they are None."""
-    if record.status not in STATUSES:
-        raise InvalidTrialError(f"status: expected one of {STATUSES}, got {record.status!r}")
+    if not isinstance(record.status, str) or record.status not in STATUSES:
+        raise InvalidTrialError(f"status: expected one of {STATUSES}, got {shown(record.status)}")
     libs = _req_obj(record, "libs")
     for name, version in libs.items():
         if not isinstance(version, str):
-            raise InvalidTrialError(f"libs.{name}: expected a version string, got {version!r}")
+            raise InvalidTrialError(f"libs.{name[:40]}: expected a version string, got {shown(version)}")
+        _check_text(name, "libs key", name=True)
+        _check_text(version, f"libs.{name}", name=True)
     created = record.created_at
     if created is None:
         if not stamp:
             raise InvalidTrialError("created_at: missing")
         created = dt.datetime.now(dt.timezone.utc)
-    elif not isinstance(created, dt.datetime):
-        raise InvalidTrialError(f"created_at: expected a datetime, got {created!r}")
     out = TrialRecord(
         op=_req_str(record, "op", 128),
         kernel=_req_str(record, "kernel", 128),
@@ -238,10 +307,10 @@ def normalize_record(record: TrialRecord, *, stamp: bool = True) -> TrialRecord:
         fingerprint=_req_str(record, "fingerprint", 128),
         platform=_req_obj(record, "platform"),
         libs=libs,
-        study=_opt_str(record, "study", 256),
+        study=_opt_str(record, "study", 256, is_name=True),
         trial_number=_opt_int(record, "trial_number"),
-        created_at=as_utc(created),  # microseconds: what SQLite and PostgreSQL both keep
-        host=_opt_str(record, "host", 255),
+        created_at=_utc_time(created),  # microseconds: what SQLite and PostgreSQL both keep
+        host=_opt_str(record, "host", 255, is_name=True),
     )
     if out.host is None and stamp:
         out.host = socket.gethostname()[:255] or None

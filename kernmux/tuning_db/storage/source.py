@@ -237,7 +237,7 @@ def open_source(url: str | None = None, *, check_interval_s: float = CHECK_INTER
     path = sqlite_path(resolved)
     if path is not None and not path.exists():
         return None
-    store = TuningStore(resolved, create=False)
+    store = TuningStore(resolved, create=False, read_only=True)  # never writes; works on a read-only mount
     if store.opened_status == "empty":
         store.close()
         return None

@@ -15,6 +15,14 @@ Contract (shared by the tuner, the resolver hook, export/import and the CLI):
   was ignored (:func:`~kernmux.tuning_db.storage.selection.choose_best`, the same rule
   the resolver applies to rows in memory).
 
+* Read-only: ``TuningStore(url, read_only=True)`` never writes (no schema creation, no
+  journal-mode switch; a write raises :class:`TuningDBError` saying so). Reading
+  commands and the runtime open stores this way, so a database shipped on a read-only
+  mount works. :attr:`TuningStore.read_only_reason` says why a database cannot be
+  written ("" when it can, as far as the file system tells).
+* Writers that must not lose a row (the tuner) pass ``reconnect_window_s``: a lost
+  PostgreSQL connection is retried that long, then reported with the driver's words.
+
 Backends: SQLite (default; WAL, busy timeout, ``BEGIN IMMEDIATE`` for writes and
 retries on "database is locked", :mod:`.engine`) and PostgreSQL (``postgresql+psycopg://``).
 """
@@ -31,6 +39,7 @@ from sqlalchemy import exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from kernmux.dispatch.platform import Platform
+from kernmux.tuning_db.storage import access
 from kernmux.tuning_db.storage import engine as engine_setup
 from kernmux.tuning_db.storage import migrations
 from kernmux.tuning_db.storage.errors import SchemaMismatchError, TuningDBError
@@ -44,7 +53,7 @@ from kernmux.tuning_db.storage.records import (
     normalize_record,
     stored_values,
 )
-from kernmux.tuning_db.storage.retry import retry
+from kernmux.tuning_db.storage.retry import is_connection_error, retry, root_cause
 from kernmux.tuning_db.storage.selection import choose_best
 
 T = TypeVar("T")
@@ -56,6 +65,14 @@ def _row_from_orm(t: Trial) -> TrialRow:
 
 def _locked(error: BaseException) -> bool:
     return isinstance(error, TuningDBError) and engine_setup.is_lock_error(error.__cause__)
+
+
+def _error_text(error: BaseException) -> str:
+    """A SQLAlchemy error as one line: its class and the driver's message (without the
+    statement and SQLAlchemy's "background" link)."""
+    orig = getattr(error, "orig", None)
+    text = str(orig if orig is not None else error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -74,21 +91,26 @@ class TuningStore:
     ``fork``: open one store per process.
     """
 
-    def __init__(self, url: str | None = None, *, create: bool = True, check: bool = True):
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        create: bool = True,
+        check: bool = True,
+        read_only: bool = False,
+        reconnect_window_s: float = 0.0,
+    ):
         self.url = normalize_url(url) if url else default_url()
         self.display_url = engine_setup.hide_password(self.url)
-        path = sqlite_path(self.url)
         try:
             self.backend = sa.engine.make_url(self.url).get_backend_name()
         except (exc.ArgumentError, ValueError) as e:
             raise TuningDBError(f"not a database URL or path: {self.display_url!r}: {e}") from e
-        if path is not None:
-            if create:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            elif not path.exists():
-                raise TuningDBError(f"no tuning database at {path} (create one with `kernmux db upgrade --db {self.url}`)")
+        self._access = access.decide(self.url, create=create, read_only=read_only)
+        self.reconnect_window_s = reconnect_window_s
         try:
-            self.engine = engine_setup.make_engine(self.url)
+            self.engine = engine_setup.make_engine(self.url, read_only=self.read_only,
+                                                   immutable=self._access.immutable)
         except (exc.ArgumentError, ValueError, ImportError) as e:
             raise TuningDBError(f"cannot open tuning database {self.display_url}: {e}") from e
         # Same pool; SQLite transactions from this one begin IMMEDIATE (writers).
@@ -98,8 +120,8 @@ class TuningStore:
         # True when this call created the schema (``kernmux db upgrade`` reports it).
         self.created = False
         try:
-            status = self.opened_status = self.schema_status()
-            if status == "empty" and create:
+            status = self.opened_status = self._retry(self.schema_status)
+            if status == "empty" and create and not self.read_only:
                 self._create_schema()
                 self.created = True
                 self.opened_status = "current"
@@ -108,6 +130,38 @@ class TuningStore:
         except BaseException:
             self.engine.dispose()
             raise
+
+    @property
+    def read_only(self) -> bool:
+        """True when this store never writes (asked for, or the URL says so)."""
+        return self._access.read_only
+
+    @property
+    def read_only_reason(self) -> str:
+        """Why the database cannot be written ("" when it can, as far as we can tell)."""
+        return self._access.reason
+
+    @property
+    def access(self) -> str:
+        """"read-write", "read-only" or "immutable" (SQLite ``immutable=1``)."""
+        return self._access.mode
+
+    def access_note(self) -> str:
+        """One line for ``db show`` and explain: can the database be written, and how it
+        was opened."""
+        return self._access.note()
+
+    def check_writable(self) -> None:
+        """Raise :class:`TuningDBError` now if this store cannot be written (before a
+        command does any work that would be lost)."""
+        self._refuse_write()
+
+    def _refuse_write(self) -> None:
+        if self.read_only:
+            why = f" ({self.read_only_reason})" if self.read_only_reason else ""
+            raise TuningDBError(
+                f"tuning database {self.display_url} is opened read-only{why}; it cannot be written"
+            )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -131,29 +185,50 @@ class TuningStore:
 
         SQLAlchemy errors are re-raised as :class:`TuningDBError` ``from`` the original;
         other exceptions propagate unchanged after the rollback. ``write=True`` takes
-        SQLite's write lock at BEGIN (use it for sessions that insert)."""
+        SQLite's write lock at BEGIN (use it for sessions that insert); on a read-only
+        store it raises :class:`TuningDBError` at once."""
+        if write:
+            self._refuse_write()
         session = (self._writer if write else self._reader)()
         try:
             yield session
             session.commit()
         except exc.SQLAlchemyError as e:
-            session.rollback()
-            raise TuningDBError(f"tuning database {self.display_url}: {type(e).__name__}: {e}") from e
+            with contextlib.suppress(exc.SQLAlchemyError):  # a dead connection cannot roll back
+                session.rollback()
+            if is_connection_error(e):
+                raise TuningDBError(f"tuning database {self.display_url} unreachable: {root_cause(e)}") from e
+            raise TuningDBError(f"tuning database {self.display_url}: {_error_text(e)}") from e
         except BaseException:
-            session.rollback()
+            with contextlib.suppress(exc.SQLAlchemyError):
+                session.rollback()
             raise
         finally:
-            session.close()
+            with contextlib.suppress(exc.SQLAlchemyError):
+                session.close()
 
     def _retry(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` again (with backoff) while SQLite answers "database is locked" at once.
+        """Run ``fn`` again (with backoff) while SQLite answers "database is locked" at once,
+        and, with ``reconnect_window_s``, while the database server cannot be reached.
 
         The busy timeout already waits for a lock that is held; what reaches here fast
         is SQLite's immediate SQLITE_BUSY (a stale read snapshot, WAL recovery). An
         attempt that waited out the whole busy timeout is not retried: that lock is
         held by something that is not letting go."""
-        return retry(fn, transient=_locked, give_up_after_s=0.9 * engine_setup.BUSY_TIMEOUT_S,
-                     what=f"tuning database {self.display_url}")
+        window = self.reconnect_window_s
+
+        def transient(error: BaseException) -> bool:
+            return _locked(error) or (window > 0 and isinstance(error, TuningDBError) and is_connection_error(error))
+
+        try:
+            return retry(fn, transient=transient, give_up_after_s=0.9 * engine_setup.BUSY_TIMEOUT_S,
+                         window_s=window or None, what=f"tuning database {self.display_url}")
+        except TuningDBError as e:
+            if window > 0 and is_connection_error(e):
+                raise TuningDBError(
+                    f"tuning database {self.display_url} unreachable for {window:g} s: {root_cause(e)}"
+                ) from e
+            raise
 
     # -- schema ----------------------------------------------------------------------
 
@@ -189,6 +264,8 @@ class TuningStore:
         return SchemaMismatchError(self.display_url, self.revision(), self.head_revision(), status)
 
     def _migrate(self, revision: str) -> None:
+        self._refuse_write()
+
         def run() -> None:
             try:
                 with self._write_engine.connect() as conn:
@@ -213,6 +290,19 @@ class TuningStore:
             raise self._mismatch("newer")
         self._migrate(revision)
 
+    def damage(self) -> str:
+        """"" when SQLite's ``PRAGMA quick_check`` finds the file sound (and for other
+        backends), else its first findings: a file with corrupted pages must not be
+        written into (a tune would add rows to a database that is already lost)."""
+        if self.backend != "sqlite" or sqlite_path(self.url) is None:
+            return ""
+        try:
+            with self.engine.connect() as conn:
+                found = [str(r[0]) for r in conn.exec_driver_sql("PRAGMA quick_check(5)")]
+        except exc.SQLAlchemyError as e:
+            return f"{type(e).__name__}: {e}"
+        return "" if found == ["ok"] else "; ".join(found)
+
     # -- writing ---------------------------------------------------------------------
 
     def record(self, trial: TrialRecord) -> int:
@@ -220,15 +310,30 @@ class TuningStore:
         return self.record_many([trial])[0]
 
     def record_many(self, trials: Sequence[TrialRecord]) -> list[int]:
-        """Validate every trial first, then insert them in one transaction; row ids."""
+        """Validate every trial first, then insert them in one transaction; row ids.
+
+        Storing a row whose content is already stored raises :class:`TuningDBError`,
+        except on a retry: after a connection lost during the commit, the row that
+        commit stored is found by its content hash instead of being added twice."""
+        self._refuse_write()
         values = [stored_values(normalize_record(t)) for t in trials]
+        hashes = [v["content_hash"] for v in values]
+        attempts = 0
 
         def write() -> list[int]:
+            nonlocal attempts
+            attempts += 1
             with self.session_scope(write=True) as session:
-                rows = [Trial(**v) for v in values]
+                present: dict[str, int] = {}
+                if attempts > 1:
+                    present = dict(session.execute(
+                        sa.select(Trial.content_hash, Trial.id).where(Trial.content_hash.in_(hashes))
+                    ).all())
+                rows = [Trial(**v) for v in values if v["content_hash"] not in present]
                 session.add_all(rows)
                 session.flush()
-                return [r.id for r in rows]
+                present.update((r.content_hash, r.id) for r in rows)
+                return [present[h] for h in hashes]
 
         return self._retry(write)
 
@@ -244,6 +349,7 @@ class TuningStore:
         study: str | None = None,
         bucket: Mapping[str, Any] | None = None,
         limit: int | None = None,
+        trial_number: int | None = None,
     ) -> list[TrialRow]:
         """Stored rows matching every given filter, oldest first (``limit``: newest N)."""
         query = sa.select(Trial)
@@ -260,13 +366,17 @@ class TuningStore:
             query = query.where(Trial.study == study)
         if bucket is not None:
             query = query.where(Trial.bucket_key == bucket_key(bucket))
+        if trial_number is not None:
+            query = query.where(Trial.trial_number == trial_number)
         if limit is not None:
             query = query.order_by(Trial.id.desc()).limit(limit)
         else:
             query = query.order_by(Trial.id)
-        with self.session_scope() as session:
-            found = [_row_from_orm(t) for t in session.scalars(query)]
-        return sorted(found, key=lambda r: r.id)
+        def read() -> list[TrialRow]:
+            with self.session_scope() as session:
+                return [_row_from_orm(t) for t in session.scalars(query)]
+
+        return sorted(self._retry(read), key=lambda r: r.id)
 
     def count(self) -> int:
         with self.session_scope() as session:

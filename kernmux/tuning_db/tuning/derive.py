@@ -1,12 +1,13 @@
 """Deny rules derived from failures recorded in the tuning database (``kernmux rules derive``).
 
-For each (op, kernel, platform vendor/arch) with failed trials (numerics_failed,
-crashed, timeout, error), one ``deny`` rule:
+For each (op, kernel, platform vendor/arch/device) with failed trials
+(numerics_failed, crashed, timeout, error), one ``deny`` rule:
 
-* ``when``: the vendor and arch of the failing rows, plus every feature whose failing
-  values never occur among the kernel's ok trials on the same vendor/arch (the
-  evidence that separates "fails" from "works"); with no ok trial at all, every
-  feature observed in the failing rows.
+* ``when``: the vendor, arch and device name of the failing rows (a rule is never
+  broader than the machines its evidence comes from: rows measured on a CPU never deny
+  a kernel on a GPU), plus every feature whose failing values never occur among the
+  kernel's ok trials on the same platform (the evidence that separates "fails" from
+  "works"); with no ok trial at all, every feature observed in the failing rows.
 * ``reason``: the evidence in one line: counts per status, example error messages and
   metrics, library versions, row ids.
 * ``link``: the database (password hidden) and the row ids the rule rests on.
@@ -14,8 +15,12 @@ crashed, timeout, error), one ``deny`` rule:
 When failing and ok trials share every feature value the failure depends on the
 config, which a deny rule cannot express (the store never picks a failed config
 anyway): the group is listed as a YAML comment instead of a rule. Rows of ops or
-kernels not registered in this process, and the ``device`` feature (a platform key
-of the same name takes precedence in ``when``), are left out likewise.
+kernels not registered in this process are left out likewise, and so are rows whose
+tensor device (the ``device`` feature) is not the platform's own: CPU tensors on a
+GPU machine (``device`` in ``when`` names the platform's device, so such a rule would
+deny the kernel for GPU tensors too), or CUDA tensors on a machine without CUDA (the
+failure says the device was missing, not that the kernel is broken). Names and
+messages from the database are escaped in comments (a newline would end the comment).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class _Group:
     kernel: str
     vendor: str
     arch: str
+    device: str  # the platform's device name
+    tensors: str  # the rows' ``device`` feature ("" when the op has none)
     failed: list[TrialRow] = field(default_factory=list)
     ok: list[TrialRow] = field(default_factory=list)
 
@@ -47,9 +54,31 @@ def _kebab(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _clean(text: str) -> str:
+    """``text`` with control characters, line breaks and lone surrogates escaped: safe in
+    a YAML comment and in a UTF-8 file."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), text)
+
+
 def _one_line(text: str, limit: int = 90) -> str:
-    text = " ".join(str(text).split())
+    text = _clean(" ".join(str(text).split()))
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _device_mismatch(group: _Group) -> str:
+    """Why the group's tensor device is not the platform's own ("" when it is)."""
+    if not group.tensors:
+        return ""
+    if group.vendor == "cpu" and group.tensors != "cpu":
+        return (f"measured with device={group.tensors} on a machine without it (the failures say the "
+                f"device was missing, not that the kernel is broken)")
+    if group.vendor in ("cuda", "rocm") and group.tensors == "cpu":
+        return (f"measured with device=cpu tensors on a {group.vendor} machine (a rule cannot tell tensor "
+                f"devices apart on one machine; a deny would also hit GPU tensors)")
+    return ""
 
 
 def _sorted_values(values: set[Any]) -> list[Any]:
@@ -111,9 +140,10 @@ def _row_ids(rows: Sequence[TrialRow], limit: int = 20) -> str:
 
 def _groups(store: TuningStore, op: str | None) -> list[_Group]:
     rows = store.rows(op=op, status=("ok", *FAILURE_STATUSES))
-    groups: dict[tuple[str, str, str, str], _Group] = {}
+    groups: dict[tuple[str, ...], _Group] = {}
     for r in rows:
-        key = (r.op, r.kernel, str(r.platform.get("vendor", "")), str(r.platform.get("arch", "")))
+        key = (r.op, r.kernel, str(r.platform.get("vendor", "")), str(r.platform.get("arch", "")),
+               str(r.platform.get("device", "")), str(r.features.get("device", "")))
         group = groups.setdefault(key, _Group(*key))
         (group.ok if r.status == "ok" else group.failed).append(r)
     return [g for _, g in sorted(groups.items()) if g.failed]
@@ -128,7 +158,11 @@ def derive_rules(store: TuningStore, op: str | None = None) -> tuple[str, int]:
     skipped: list[str] = []
     used_ids: set[str] = set()
     for group in _groups(store, op):
-        label = f"{group.op}/{group.kernel} on {group.vendor}/{group.arch}"
+        label = _clean(f"{group.op}/{group.kernel} on {group.vendor}/{group.arch} ({group.device})")
+        mismatch = _device_mismatch(group)
+        if mismatch:
+            skipped.append(f"{label}: {mismatch}")
+            continue
         known_op = REGISTRY.ops.get(group.op)
         if known_op is None:
             skipped.append(f"{label}: op not registered in this process")
@@ -138,7 +172,7 @@ def derive_rules(store: TuningStore, op: str | None = None) -> tuple[str, int]:
             continue
         features = _feature_conditions(group, known_op.feature_names)
         if features is None:
-            configs = sorted({str(r.config) for r in group.failed})[:3]
+            configs = sorted({_one_line(str(r.config), 120) for r in group.failed})[:3]
             skipped.append(
                 f"{label}: failures share every feature value with ok trials (config-dependent: "
                 f"{'; '.join(configs)}); the store already never picks a failed config"
@@ -149,6 +183,8 @@ def derive_rules(store: TuningStore, op: str | None = None) -> tuple[str, int]:
             when["vendor"] = group.vendor
         if group.arch:
             when["arch"] = group.arch
+        if group.device:
+            when["device"] = group.device
         when.update(features)
         rule_id = _kebab(f"db-deny-{group.op}-{group.kernel}-{group.arch or group.vendor}")
         base, n = rule_id, 2
@@ -170,11 +206,10 @@ def _render(store: TuningStore, rules: list[dict[str, Any]], skipped: list[str],
     import yaml
 
     header = [
-        f"# Deny rules derived from failed trials in {store.display_url}"
-        + (f" (op {op})" if op else ""),
+        _clean(f"# Deny rules derived from failed trials in {store.display_url}" + (f" (op {op})" if op else "")),
         "# Review before shipping: each rule rests only on the rows named in its link.",
     ]
-    header += [f"# not derived: {line}" for line in skipped]
+    header += [_clean(f"# not derived: {line}") for line in skipped]
     body = yaml.safe_dump(
         {"version": 1, "rules": rules}, sort_keys=False, default_flow_style=None, width=10_000, allow_unicode=True
     )

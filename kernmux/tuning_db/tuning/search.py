@@ -10,7 +10,12 @@ RDB storage): ask a trial, map its parameters to a point, evaluate the point, te
 result. Rules that make the budget go to measurements:
 
 - A point already measured in this study is not measured again: the trial is told the
-  earlier result and marked ``duplicate_of`` (no measurement, no store row).
+  earlier result and marked ``duplicate_of`` (no measurement, no store row). A point
+  claimed by several processes at once is measured by the lowest-numbered claim only
+  (:func:`~kernmux.tuning_db.tuning.recovery.earlier_claim`); the others back off.
+- With a :class:`~kernmux.tuning_db.tuning.recovery.Recovery`, RUNNING trials of dead
+  processes are settled at the top of every iteration (told their stored result, or
+  failed so their point is measured again): they never count toward the budget.
 - A parameter combination the kernel declares invalid is told PRUNED, marked ``invalid``.
 - After ``explore_after`` such trials in a row (TPE has converged on known points), the
   next trial is a random unmeasured point (forced through :class:`ForcingSampler`).
@@ -28,16 +33,18 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.registry import REGISTRY
+from kernmux.tuning_db.tuning.samplers import SAMPLERS, ForcingSampler, make_sampler
 
-SAMPLERS = ("tpe", "grid")
-
+__all__ = [
+    "SAMPLERS", "Evaluation", "ForcingSampler", "LoopStats", "Point", "SearchSpace", "StudyState",
+    "build_space", "make_sampler", "restrict", "run_search", "study_state", "suggest",
+]
 
 @dataclass(frozen=True)
 class Point:
@@ -148,72 +155,6 @@ def restrict(space: SearchSpace, fixed: Mapping[str, Mapping[str, Any]]) -> Sear
     return SearchSpace.from_points(kept, space.skipped)
 
 
-# --------------------------------------------------------------------------- samplers
-
-
-def make_sampler(kind: str, seed: int | None, n_points: int, startup_trials: int | None = None) -> Any:
-    """A seeded optuna sampler: TPE (default) or, for grid mode, a random filler.
-
-    startup_trials: TPE's random start; default ``clamp(n_points // 10, 3, 10)`` so small
-    spaces start modelling early."""
-    import optuna
-
-    if kind not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")
-    if kind == "grid":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if startup_trials is None:
-        startup_trials = max(3, min(10, n_points // 10))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
-            seed=seed,
-            n_startup_trials=startup_trials,
-            multivariate=True,
-            group=True,  # conditional space: each kernel's parameters form a group
-            constant_liar=True,  # several processes: running trials count as bad guesses
-        )
-
-
-class ForcingSampler:
-    """Wraps a sampler so this process can dictate the next trial's parameters.
-
-    optuna's ``enqueue_trial`` puts a WAITING trial in the shared storage, which
-    another process may pop (on SQLite two processes can even claim the same one).
-    Forcing through the sampler keeps a forced point local to the process asking."""
-
-    def __init__(self, base: Any) -> None:
-        self.base = base
-        self._forced: dict[str, Any] | None = None
-
-    def force(self, params: Mapping[str, Any] | None) -> None:
-        self._forced = dict(params) if params is not None else None
-
-    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
-        if self._forced is not None:
-            return {}
-        return self.base.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: Any, trial: Any, search_space: Mapping[str, Any]) -> dict[str, Any]:
-        if self._forced is not None:
-            return {}
-        return self.base.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study: Any, trial: Any, param_name: str, distribution: Any) -> Any:
-        if self._forced is not None and param_name in self._forced:
-            return self._forced[param_name]
-        return self.base.sample_independent(study, trial, param_name, distribution)
-
-    def before_trial(self, study: Any, trial: Any) -> None:
-        self.base.before_trial(study, trial)
-
-    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-        self.base.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.base.reseed_rng()
-
-
 def suggest(trial: Any, space: SearchSpace) -> Point:
     """Ask ``trial`` for a kernel, then for that kernel's parameters only."""
     kernel = trial.suggest_categorical("kernel", list(space.kernels))
@@ -253,6 +194,7 @@ class StudyState:
     results: dict[str, Any]  # point key -> finished measured FrozenTrial
     in_flight: set[str]  # point keys being measured now
     measured: int  # finished + running measurements (the budget's count)
+    running: list[Any] = field(default_factory=list)  # every RUNNING trial
 
 
 def study_state(study: Any) -> StudyState:
@@ -260,10 +202,13 @@ def study_state(study: Any) -> StudyState:
 
     results: dict[str, Any] = {}
     in_flight: set[str] = set()
+    running: list[Any] = []
     measured = 0
     for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.RUNNING:
+            running.append(t)
         key = t.user_attrs.get("point")
-        if key is None:
+        if key is None or "duplicate_of" in t.user_attrs:
             continue
         if t.state == TrialState.RUNNING:
             in_flight.add(key)
@@ -271,7 +216,7 @@ def study_state(study: Any) -> StudyState:
         elif t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             measured += 1
             results.setdefault(key, t)
-    return StudyState(results, in_flight, measured)
+    return StudyState(results, in_flight, measured, running)
 
 
 def run_search(
@@ -286,14 +231,21 @@ def run_search(
     max_asks: int | None = None,
     first: Sequence[Point] = (),
     on_trial: Callable[[Point, int, Evaluation, LoopStats], None] | None = None,
+    recovery: Any = None,
 ) -> LoopStats:
     """Drive ``study`` until ``budget`` measurements exist in it or every point is measured.
 
     evaluate(point, trial_number) -> Evaluation: measures one point (and records it).
     first: points to measure before any sampled one (e.g. the reference kernel, so a
         speed-up is always known); skipped if already measured.
-    max_asks: a safety stop on trials asked by this call (default 20 x budget)."""
+    max_asks: a safety stop on trials asked by this call (default 20 x budget).
+    recovery: a :class:`~kernmux.tuning_db.tuning.recovery.Recovery` (ownership,
+        heartbeat, reclaim of dead processes' trials); None for a study only this
+        process uses."""
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
+
+    from kernmux.tuning_db.tuning.recovery import abandon, earlier_claim
 
     stats = LoopStats()
     if not isinstance(study.sampler, ForcingSampler):
@@ -306,6 +258,8 @@ def run_search(
     streak = 0
     while True:
         state = study_state(study)
+        if recovery is not None and state.running and recovery.reclaim(study, state.running):
+            state = study_state(study)
         if state.measured >= budget:
             stats.stop_reason = f"budget of {budget} measurements reached"
             break
@@ -330,7 +284,13 @@ def run_search(
         try:
             trial = study.ask()
             stats.asked += 1
+            if recovery is not None:
+                recovery.claim(trial)
             point = suggest(trial, space)
+        except UpdateFinishedTrialError:  # reclaimed by another process while we waited on the database
+            if recovery is not None:
+                recovery.release()
+            continue
         finally:
             sampler.force(None)
         if point.key not in by_key:
@@ -338,6 +298,8 @@ def run_search(
             study.tell(trial, state=TrialState.PRUNED)
             stats.invalid += 1
             streak += 1
+            if recovery is not None:
+                recovery.release()
             continue
         earlier = state.results.get(point.key)
         if earlier is not None:
@@ -348,42 +310,40 @@ def run_search(
                 study.tell(trial, state=TrialState.PRUNED)
             stats.duplicates += 1
             streak += 1
+            if recovery is not None:
+                recovery.release()
             continue
         streak = 0
-        trial.set_user_attr("point", point.key)
+        try:
+            trial.set_user_attr("point", point.key)
+        except UpdateFinishedTrialError:
+            if recovery is not None:
+                recovery.release()
+            continue
+        rival = earlier_claim(study, trial.number, point.key)
+        if rival is not None:  # another process claimed this point first: it measures it
+            trial.set_user_attr("duplicate_of", rival.number)
+            if rival.state == TrialState.COMPLETE:
+                study.tell(trial, rival.value, skip_if_finished=True)
+            else:
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            stats.duplicates += 1
+            if recovery is not None:
+                recovery.release()
+            continue
         try:
             result = evaluate(point, trial.number)
-        except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
+        except BaseException as e:
+            abandon(study, trial, e, recovery)
             raise
         trial.set_user_attr("status", result.status)
         if result.status == "ok" and result.value is not None:
-            study.tell(trial, float(result.value))
+            study.tell(trial, float(result.value), skip_if_finished=True)
         else:
-            study.tell(trial, state=TrialState.PRUNED)
+            study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+        if recovery is not None:
+            recovery.release()
         stats.measured += 1
         if on_trial is not None:
             on_trial(point, trial.number, result, stats)
     return stats
-
-
-def fail_stale_trials(study: Any, storage: Any, older_than_s: float) -> int:
-    """Mark RUNNING trials started more than ``older_than_s`` ago as FAIL (their process
-    died: a trial cannot outlive its timeout). Returns how many were marked."""
-    import datetime
-
-    from optuna.trial import TrialState
-
-    now = datetime.datetime.now()
-    marked = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        start = t.datetime_start
-        if start is None:
-            continue
-        if start.tzinfo is not None:
-            start = start.astimezone().replace(tzinfo=None)
-        if (now - start).total_seconds() > older_than_s:
-            storage.set_trial_user_attr(t._trial_id, "stale", True)
-            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            marked += 1
-    return marked

@@ -12,33 +12,44 @@ through ``CUDA_VISIBLE_DEVICES``); several hosts pointing at one PostgreSQL URL 
 same studies, since a study's name depends only on the op, the features, the platform
 fingerprint, the sampler and the search space. A re-run resumes: the trial budget
 counts the measurements already in the study.
+
+Faults: the schema (kernmux's and optuna's) is created once, under a lock, before any
+tuning process starts; a SQLite file with damaged pages is refused before anything is
+written into it; a trial's row is stored before optuna is told, and trials of tuning
+processes that died are settled from the store (:mod:`~kernmux.tuning_db.tuning.recovery`);
+a database that restarts is waited for (:mod:`~kernmux.tuning_db.tuning.study_storage`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import queue as queue_module
 import traceback
 import warnings
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from kernmux.dispatch.platform import Platform, current_platform
-from kernmux.tuning_db.storage.retry import is_transient_error, retry
+from kernmux.tuning_db.storage.paths import default_url, normalize_url, persistence_problem
+from kernmux.tuning_db.storage.retry import reconnect_window_s
 from kernmux.tuning_db.tuning.search import (
     Evaluation,
     Point,
     SearchSpace,
     build_space,
-    fail_stale_trials,
     make_sampler,
     restrict,
     run_search,
 )
+from kernmux.tuning_db.tuning.results import BucketResult, summarize
+from kernmux.tuning_db.tuning.study_storage import load_study as _load_study
+from kernmux.tuning_db.tuning.study_storage import open_study_storage, schema_lock
+
+__all__ = ["BucketResult", "Plan", "TuneError", "TuneSettings", "open_study_storage", "tune"]
 
 log = logging.getLogger("kernmux")
 
@@ -97,67 +108,19 @@ class Plan:
     study: str
 
 
-@dataclass
-class BucketResult:
-    """The outcome of tuning one feature set (read back from the store)."""
-
-    features: dict[str, Any]
-    bucket: dict[str, Any]
-    study: str
-    points: int
-    skipped: dict[str, str]
-    rows: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)
-    best_kernel: str | None = None
-    best_config: dict[str, Any] | None = None
-    best_p50_us: float | None = None
-    best_row_id: int | None = None
-    baseline: str | None = None
-    baseline_p50_us: float | None = None
-    speedup: float | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 # --------------------------------------------------------------------------- storage
 
 
-def open_study_storage(url: str) -> Any:
-    """optuna's RDB storage on ``url``, configured for several writers.
-
-    SQLite: a long busy timeout so concurrent processes wait for the write lock instead
-    of failing (the tuning store has already switched the file to WAL)."""
-    import optuna
-    import sqlalchemy as sa
-
-    backend = sa.engine.make_url(url).get_backend_name()
-    if backend == "sqlite":
-        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}}
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs), transient=is_transient_error,
-                 what="optuna storage")
+def _legacy_after_s(settings: TuneSettings) -> float:
+    """A trial cannot run longer than its timeout (+ a worker start + a database
+    restart): an older RUNNING trial is dead whatever its owner says."""
+    return 2 * settings.timeout_s + 600
 
 
 def study_name(op: str, features: Mapping[str, Any], platform: Platform, sampler: str, space: SearchSpace) -> str:
     """A name that only a compatible run shares: same op, features, GPU, sampler, space."""
     feats = ",".join(f"{k}={features[k]}" for k in sorted(features))
     return f"kernmux/{op}/{feats}/{platform.fingerprint()}/{sampler}/{space.digest()}"
-
-
-def _load_study(name: str, storage: Any, sampler: Any) -> Any:
-    import optuna
-
-    return retry(
-        lambda: optuna.create_study(
-            study_name=name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True
-        ),
-        transient=is_transient_error,
-        what="optuna study",
-    )
 
 
 # --------------------------------------------------------------------------- planning
@@ -181,6 +144,19 @@ def make_plans(settings: TuneSettings, feature_sets: Sequence[Mapping[str, Any]]
 
 def _device_for(features: Mapping[str, Any]) -> str:
     return "cuda" if features.get("device") == "cuda" else "cpu"
+
+
+def _missing_device(plans: Sequence[Plan]) -> str:
+    """Why the device the plans measure on is not here ("" when it is): tuning it would
+    only record an error row per point (which ``rules derive`` would turn into denies)."""
+    if not any(_device_for(p.features) == "cuda" for p in plans):
+        return ""
+    import torch
+
+    if torch.cuda.is_available():
+        return ""
+    return ("device cuda requested, but this machine has no usable CUDA/ROCm device "
+            "(torch.cuda.is_available() is False); tune with --device cpu or on a GPU machine")
 
 
 def _agent_envs(settings: TuneSettings, plans: Sequence[Plan]) -> list[dict[str, str]]:
@@ -216,14 +192,16 @@ def run_agent(
     from kernmux.tuning_db.measurement.trial import TrialSpec
     from kernmux.tuning_db.measurement.worker import InProcessRunner, TrialWorker
     from kernmux.tuning_db.storage.store import TuningStore
+    from kernmux.tuning_db.tuning.recovery import Recovery, stored_results
 
     for module in settings.imports:
         importlib.import_module(module)
     url = settings.url
-    store = TuningStore(url)
+    store = TuningStore(url, reconnect_window_s=reconnect_window_s())
     storage = open_study_storage(store.url)
+    recovery = Recovery(storage, stored_results(store), legacy_after_s=_legacy_after_s(settings))
     runner_cls = TrialWorker if settings.isolate else InProcessRunner
-    with runner_cls(imports=settings.imports) as runner:
+    with runner_cls(imports=settings.imports) as runner, contextlib.closing(recovery):
         for plan in plans:
             if not plan.space.points:
                 continue
@@ -256,7 +234,7 @@ def run_agent(
                 first = [p for p in plan.space.points if p.kernel == settings.baseline][:1]
             stats = run_search(
                 study, plan.space, evaluate, budget=settings.trials, grid=settings.sampler == "grid",
-                seed=settings.seed + 104729 * index, first=first,
+                seed=settings.seed + 104729 * index, first=first, recovery=recovery,
             )
             if progress is not None:
                 progress({"event": "study_done", "agent": index, "study": plan.study, "stats": asdict(stats)})
@@ -264,6 +242,9 @@ def run_agent(
 
 
 def _agent_main(settings: TuneSettings, plans: list[Plan], index: int, env: dict[str, str], events: Any) -> None:
+    from kernmux.tuning_db.measurement.worker import die_with_parent
+
+    die_with_parent()  # a killed ``kernmux tune`` takes its tuning processes with it
     os.environ.update(env)
     try:
         run_agent(settings, plans, index, events.put)
@@ -318,21 +299,39 @@ def _run_agents(settings: TuneSettings, plans: list[Plan], progress: Progress | 
 
 
 def prepare(settings: TuneSettings, plans: Sequence[Plan]) -> str:
-    """Create the store schema and every study up front (no races between processes),
-    mark trials left RUNNING by a dead run as failed; returns the database URL."""
-    from kernmux.tuning_db.storage.store import TuningStore
+    """Everything before the tuning processes start; returns the database URL.
 
-    with TuningStore(settings.url) as store:
-        url = store.url
-    storage = open_study_storage(url)
-    for plan in plans:
-        if not plan.space.points:
-            continue
-        study = _load_study(plan.study, storage, make_sampler(settings.sampler, settings.seed, len(plan.space)))
-        # A trial cannot run longer than its timeout (+ a worker start): older RUNNING
-        # trials belong to a process that died.
-        fail_stale_trials(study, storage, older_than_s=2 * settings.timeout_s + 600)
-    return url
+    Refuse a SQLite file with damaged pages; then, under the schema lock (tunes started
+    together must not race): create the store schema and optuna's tables, create every
+    study, and settle trials left RUNNING by tuning processes that died."""
+    from optuna.trial import TrialState
+
+    from kernmux.tuning_db.storage.errors import TuningDBError
+    from kernmux.tuning_db.storage.paths import sqlite_path
+    from kernmux.tuning_db.storage.store import TuningStore
+    from kernmux.tuning_db.tuning.recovery import Recovery, stored_results
+
+    url = normalize_url(settings.url) if settings.url else default_url()
+    path = sqlite_path(url)
+    if path is not None and path.exists():
+        with TuningStore(url, create=False, check=False, read_only=True) as existing:
+            damage = existing.damage()
+        if damage:
+            raise TuningDBError(
+                f"tuning database {path} is damaged (SQLite quick_check: {damage[:500]}); nothing was "
+                f"written into it. Restore it from a copy, or save what is readable with `kernmux db "
+                f"export` and import that into a new database"
+            )
+    with schema_lock(url), TuningStore(url, reconnect_window_s=reconnect_window_s()) as store:
+        store.check_writable()
+        storage = open_study_storage(store.url)
+        recovery = Recovery(storage, stored_results(store), legacy_after_s=_legacy_after_s(settings), heartbeat=False)
+        for plan in plans:
+            if not plan.space.points:
+                continue
+            study = _load_study(plan.study, storage, make_sampler(settings.sampler, settings.seed, len(plan.space)))
+            recovery.reclaim(study, study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        return store.url
 
 
 def tune(
@@ -350,10 +349,16 @@ def tune(
         raise ValueError(f"workers must be >= 1, got {settings.workers}")
     if settings.trials < 1:
         raise ValueError(f"trials must be >= 1, got {settings.trials}")
+    problem = persistence_problem(normalize_url(settings.url) if settings.url else default_url())
+    if problem:
+        raise ValueError(problem)
     for module in settings.imports:
         importlib.import_module(module)
     platform = platform or current_platform()
     plans = make_plans(settings, feature_sets, platform)
+    missing = _missing_device(plans)
+    if missing:
+        raise ValueError(missing)
     url = prepare(settings, plans)
     settings = _replace(settings, url=url)
     if progress is not None:
@@ -376,34 +381,3 @@ def _replace(settings: TuneSettings, **changes: Any) -> TuneSettings:
     import dataclasses
 
     return dataclasses.replace(settings, **changes)
-
-
-def summarize(settings: TuneSettings, plans: Sequence[Plan], platform: Platform) -> list[BucketResult]:
-    """Per feature set: rows and statuses of its study, the pick the dispatcher's rule
-    (:func:`kernmux.tuning_db.storage.selection.choose_best`) makes from them, and the speed-up over
-    the baseline kernel's best ok row."""
-    from kernmux.tuning_db.storage.selection import choose_best
-    from kernmux.tuning_db.storage.store import TuningStore
-
-    results = []
-    with TuningStore(settings.url) as store:
-        for plan in plans:
-            rows = store.rows(op=settings.op, study=plan.study)
-            result = BucketResult(
-                features=plan.features, bucket=plan.bucket, study=plan.study, points=len(plan.space),
-                skipped=dict(plan.space.skipped), rows=len(rows),
-                statuses=dict(Counter(r.status for r in rows)), baseline=settings.baseline,
-            )
-            best, notes = choose_best(rows, platform)
-            result.notes = list(notes)
-            if best is not None:
-                result.best_kernel, result.best_config = best.kernel, dict(best.config)
-                result.best_p50_us, result.best_row_id = best.p50_us, best.id
-            if settings.baseline:
-                base, _ = choose_best(rows, platform, [settings.baseline])
-                if base is not None:
-                    result.baseline_p50_us = base.p50_us
-                    if best is not None and best.p50_us:
-                        result.speedup = base.p50_us / best.p50_us
-            results.append(result)
-    return results
