@@ -31,8 +31,7 @@ from typing import Any
 
 from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.registry import SUPPORTED, Support, register_kernel, register_op, unsupported
-from kernmux.kernels.mxfp4_linear import spec
-from kernmux.kernels.mxfp4_linear import triton_config, triton_gemv_config
+from kernmux.kernels.mxfp4_linear import spec, triton_config, triton_gemv_config
 from kernmux.kernels.mxfp4_linear.dequant import CONFIG_SPACE as DEQUANT_CONFIG_SPACE
 from kernmux.kernels.mxfp4_linear.dequant import DEFAULT_CONFIG as DEQUANT_DEFAULT_CONFIG
 from kernmux.kernels.mxfp4_linear.formats import dequantize_mxfp4, quantize_mxfp4  # noqa: F401 - public helpers

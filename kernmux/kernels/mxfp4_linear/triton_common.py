@@ -8,11 +8,11 @@ bits: ``e > 0`` -> exponent field ``e + 126`` with mantissa MSB ``m``, i.e.
 goes to bit 31 (so code 8 is -0.0). E8M0 byte ``s``: ``s << 23`` is 2^(s-127) for
 1 <= s <= 254, ``0`` is 2^-127 (the float32 subnormal ``0x00400000``), 255 is NaN.
 
-The decode kernel's cheaper form (:func:`e2m1_pair_scaled`): the code's bits placed in
-an IEEE half as ``sign << 15 | (c & 7) << 9`` make the half ``value * 2^-14`` for every
-code (code 1 lands on the half subnormal 2^-15, which is exact: half subnormals are never
-flushed), so one byte becomes two values with a few integer operations and two exact
-conversions; the 2^14 is folded into the block's scale (:func:`e8m0_factors`).
+The decode kernel's cheaper form (``triton_gemv._e2m1_halves``): the code's bits placed
+in an IEEE half as ``sign << 15 | (c & 7) << 9`` make the half ``value * 2^-14`` for
+every code (code 1 lands on the half subnormal 2^-15, which is exact: half subnormals
+are never flushed), two codes per 32-bit word at once, then one exact conversion each;
+the 2^14 is folded into the block's scale (:func:`e8m0_factors`).
 """
 
 from __future__ import annotations
@@ -53,18 +53,9 @@ def dequant_tile(packed, scales, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def e2m1_pair_scaled(packed):
-    """uint8 bytes -> (low nibble, high nibble) as float32 ``value * 2^-14`` (exact)."""
-    c = packed.to(tl.uint16)
-    low = ((c & 7) << 9) | ((c & 8) << 12)
-    high = ((c & 0x70) << 5) | ((c & 0x80) << 8)
-    return low.to(tl.float16, bitcast=True).to(tl.float32), high.to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
 def e8m0_factors(scales):
     """uint8 E8M0 bytes s -> float32 (f1, f2) with f1 * f2 = 2^(s - 127) * 2^14, the
-    factor that turns :func:`e2m1_pair_scaled`'s output into the weight value.
+    factor that turns a decoded ``value * 2^-14`` into the weight value.
 
     2^(s - 113) exceeds float32 for s > 240, hence two exact factors: f1 = 2^(min(s, 240)
     - 113) and f2 = 2^(max(s, 240) - 240) (1 unless s > 240); a product overflows

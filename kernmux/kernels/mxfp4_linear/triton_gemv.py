@@ -1,20 +1,22 @@
 """Decode kernel (M <= 16) for MX FP4 weights: y = x @ dequant(w)^T (+ bias), memory-bound.
 
-Each program owns ``BLOCK_N`` output columns (rows of w), all rows of x (up to 16) and
-one K range (split-K). Per iteration it streams the packed weights as a
-``[BLOCK_N, BLOCK_K/32, 16]`` byte tile -- one scale group of 16 contiguous bytes per
-thread and 128-bit load (rows of w are K/2 bytes, a multiple of 16) -- their scales
-``[BLOCK_N, BLOCK_K/32]`` and x ``[rows, BLOCK_K]``. Nibbles are decoded by bit
-construction of a half (``triton_common.e2m1_pair_scaled``: exact, no table); low
-nibbles meet the even k of x and high nibbles the odd k, so the tile is never
-interleaved. Accumulation is float32.
+Each program owns ``BLOCK_N`` output columns (rows of w), up to 16 rows of x and one K
+range (split-K). Per iteration it streams the packed weights as 32-bit words in a
+``[BLOCK_N, BLOCK_K/32, 4]`` tile -- one scale group (16 contiguous bytes) per thread
+and 128-bit load; rows of w are K/2 bytes, a multiple of 16 -- their scales
+``[BLOCK_N, BLOCK_K/32]`` and x. Value j of a word (its nibble j) is decoded together
+with value j + 4: two shifts and two masks place both codes in one word as two IEEE
+halves equal to ``value * 2^-14`` (exact, no table), then each converts exactly to
+float32 (``_e2m1_halves``); the 2^14 is folded into the scale (``e8m0_factors``).
+Accumulation is float32 in every mode.
 
-- ``MODE_FMA``: products summed within each thread over its 16 bytes, multiplied once
-  per (row, scale group) by the group's factor (``e8m0_factors``), kept per group until
-  the end of the K range, then summed across groups.
-- ``MODE_DOT``: each weight value times its factor, rounded to x's dtype (exact for
-  bf16; fp16 overflows beyond 65504 as in any fp16 GEMM), ``tl.dot(w, x^T)`` with x
-  padded to 16 rows.
+- ``MODE_FMA`` (1): x is split by position in the word (in-thread), products summed
+  within each thread over its scale group, multiplied once per (row, group) by the
+  group's factors, kept per group until the end of the K range, then summed.
+- ``MODE_DOT`` (2) / ``MODE_DOT_BY_POSITION`` (3): each value times its factors, rounded
+  to x's dtype (exact for bf16; fp16 overflows beyond 65504 as in any fp16 GEMM), then
+  ``tl.dot(w, x^T)`` with x padded to 16 rows: one dot over the tile put back in k order
+  (2), or eight dots, one per position, against x split by position (3).
 
 Split-K partials (float32 ``[splits, M, N]``) are summed in split order either by the
 last program of each output tile to arrive (``REDUCE_LAST_PROGRAM``: an arrival counter
@@ -25,11 +27,11 @@ and stream (two streams never share one); a launch whose tiles exceed them uses 
 second kernel.
 
 Semantics match the reference (dequantize to float32, float32 products, one cast):
-the weight value is ``e2m1 * 2^-14`` times ``2^(s - 113)`` (both exact), the scale
-NaN (255) gives NaN, NaN/inf in x propagate as in the float32 product. Summation order
-differs (per group, then per split). In ``MODE_FMA`` the products ``x * e2m1 * 2^-14``
-are formed before the scale: activations below ~2^-110 in magnitude lose bits there
-(they become float32 subnormals), far below any activation a model produces.
+each weight value is ``e2m1 * 2^-14`` times ``2^(s - 113)`` (exact as two factors), the
+NaN scale (255) gives NaN, NaN/inf in x propagate as in the float32 product; only the
+summation order differs (per group, then per split). In ``MODE_FMA`` the products
+``x * e2m1 * 2^-14`` are formed before the scale: activations below ~2^-110 in
+magnitude lose bits there (float32 subnormals), far below any activation a model makes.
 
 Config keys, cost model and the shape heuristic: ``triton_gemv_config.py``.
 """
@@ -39,14 +41,14 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from kernmux.dispatch.outputs import empty_output
-from kernmux.kernels.mxfp4_linear.triton_common import e2m1_pair_scaled, e8m0_factors, split_k_reduce_kernel
+from kernmux.kernels.mxfp4_linear.triton_common import e8m0_factors, split_k_reduce_kernel
 from kernmux.kernels.mxfp4_linear.triton_gemv_config import (
     DEFAULT_CONFIG,
     MODE_FMA,
@@ -371,7 +373,7 @@ def _as_words(w: torch.Tensor) -> torch.Tensor:
 
 
 def mxfp4_linear_triton_gemv(
-    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
     *, config: Mapping[str, Any] = DEFAULT_CONFIG,
 ) -> torch.Tensor:
     """x [M, K] bf16|fp16 (M <= 16 intended; any M runs), w uint8 [N, K/2], w_scale
@@ -408,4 +410,4 @@ def mxfp4_linear_triton_gemv(
     return y
 
 
-__all__ = ["mxfp4_linear_triton_gemv", "launch_config", "COUNTER_SLOTS"]
+__all__ = ["COUNTER_SLOTS", "launch_config", "mxfp4_linear_triton_gemv"]
