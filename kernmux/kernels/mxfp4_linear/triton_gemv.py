@@ -137,8 +137,15 @@ def _fma_row(w0, w1, w2, w3, w4, w5, w6, w7, f1, f2, xv):
     element j of every word): [BLOCK_N, GROUPS] group sums times the factors (one after
     the other: f1 * f2 alone may overflow where the product does not)."""
     x0, x1, x2, x3, x4, x5, x6, x7 = _by_position(xv.to(tl.float32))
-    words = (w0 * x0[None] + w4 * x4[None] + w1 * x1[None] + w5 * x5[None]
-             + w2 * x2[None] + w6 * x6[None] + w3 * x3[None] + w7 * x7[None])
+    # Explicit fused multiply-adds (not left to the compiler's contraction setting).
+    words = w0 * x0[None]
+    words = tl.fma(w4, x4[None], words)
+    words = tl.fma(w1, x1[None], words)
+    words = tl.fma(w5, x5[None], words)
+    words = tl.fma(w2, x2[None], words)
+    words = tl.fma(w6, x6[None], words)
+    words = tl.fma(w3, x3[None], words)
+    words = tl.fma(w7, x7[None], words)
     return tl.sum(words, axis=2) * f1 * f2
 
 

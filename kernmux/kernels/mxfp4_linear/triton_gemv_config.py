@@ -116,10 +116,12 @@ def auto_config(tokens: int, n: int, k: int, units: int = 132, interpret: bool =
     96 tiles of 16 columns for 132 SMs), as long as the float32 partials (written and
     read once) stay within ``PARTIAL_TRAFFIC`` of the weight bytes; the dot modes narrow
     their column tiles (64 -> 16) when splitting alone does not get there. Under the
-    interpreter small blocks keep tests fast."""
+    interpreter, few and large blocks keep tests fast (its cost is per program and
+    operation)."""
     mode = mode or default_mode(tokens)
     if interpret:
-        block_n, block_k, warps, stages = 16, max(min(64, _pow2_ceil(k)), 32 if mode != MODE_DOT_BY_POSITION else 128), 4, 1
+        block_n = 16 if n <= 256 else 64  # fewer programs: the interpreter's cost is per program
+        block_k, warps, stages = max(min(256, _pow2_ceil(k)), 32 if mode != MODE_DOT_BY_POSITION else 128), 4, 1
         return {"MODE": mode, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": splits_run(k, block_k, 2 if k >= 4 * block_k else 1)[0],
                 "REDUCE": REDUCE_LAST_PROGRAM, "num_warps": warps, "num_stages": stages}
     if mode == MODE_FMA:
