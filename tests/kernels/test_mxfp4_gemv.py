@@ -297,7 +297,7 @@ print(json.dumps(out))
 def _nvidia_backend() -> bool:
     try:
         from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except Exception:
+    except ImportError:
         return False
     return True
 
@@ -318,7 +318,7 @@ def test_heuristic_kernels_compile_for_sm90_without_spills(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     proc = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(variants), str(tmp_path / "k.ptx")],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in json.loads(proc.stdout.strip().splitlines()[-1]):
         assert row["registers"] is not None and row["spill_bytes"] == 0, row

@@ -8,7 +8,7 @@ bits: ``e > 0`` -> exponent field ``e + 126`` with mantissa MSB ``m``, i.e.
 goes to bit 31 (so code 8 is -0.0). E8M0 byte ``s``: ``s << 23`` is 2^(s-127) for
 1 <= s <= 254, ``0`` is 2^-127 (the float32 subnormal ``0x00400000``), 255 is NaN.
 
-The decode kernel's cheaper form (``triton_gemv._e2m1_halves``): the code's bits placed
+The decode kernel's cheaper form (:func:`e2m1_halves`): the code's bits placed
 in an IEEE half as ``sign << 15 | (c & 7) << 9`` make the half ``value * 2^-14`` for
 every code (code 1 lands on the half subnormal 2^-15, which is exact: half subnormals
 are never flushed), two codes per 32-bit word at once, then one exact conversion each;
@@ -50,6 +50,44 @@ def dequant_tile(packed, scales, ROWS: tl.constexpr, COLS: tl.constexpr):
     scale = e8m0_to_f32(scales)
     values = values.reshape(ROWS, COLS // 32, 32) * scale[:, :, None]
     return values.reshape(ROWS, COLS)
+
+
+@triton.jit
+def e2m1_halves(words, J: tl.constexpr):
+    """int32 words of 8 E2M1 codes (code j in bits 4j..4j+3 = element j of the word) ->
+    float32 ``value * 2^-14`` of elements J (low half) and J + 4 (high half), J < 4.
+
+    Both codes land in one int32 as two IEEE halves (module docstring): code J's bits 0-2 go to bits 9-11 and its sign to bit 15 (code J + 4: 25-27
+    and 31), two shifts and two masks for two values, then two exact conversions."""
+    if J == 3:
+        exponent = words >> 3  # the bits an arithmetic shift fills are masked off
+    else:
+        exponent = words << (9 - 4 * J)
+    h = (exponent & 0x0E000E00) | ((words << (12 - 4 * J)) & -2147450880)  # 0x80008000: both signs
+    low = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    high = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return low, high
+
+
+@triton.jit
+def split_by_position(xv):
+    """[A, B, 8] -> the 8 slices [A, B] by position in the word (in-thread splits)."""
+    c0, c1 = tl.split(xv.reshape(xv.shape[0], xv.shape[1], 2, 2, 2))
+    b0c0, b1c0 = tl.split(c0)
+    b0c1, b1c1 = tl.split(c1)
+    x0, x4 = tl.split(b0c0)
+    x2, x6 = tl.split(b1c0)
+    x1, x5 = tl.split(b0c1)
+    x3, x7 = tl.split(b1c1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def join_in_k_order(w0, w1, w2, w3, w4, w5, w6, w7):
+    """Eight [A, B, C] tensors (element j of every word) -> [A, B, C, 8] in k order
+    (in-thread joins)."""
+    return tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7))).reshape(
+        w0.shape[0], w0.shape[1], w0.shape[2], 8)
 
 
 @triton.jit

@@ -7,7 +7,7 @@ and 128-bit load; rows of w are K/2 bytes, a multiple of 16 -- their scales
 ``[BLOCK_N, BLOCK_K/32]`` and x. Value j of a word (its nibble j) is decoded together
 with value j + 4: two shifts and two masks place both codes in one word as two IEEE
 halves equal to ``value * 2^-14`` (exact, no table), then each converts exactly to
-float32 (``_e2m1_halves``); the 2^14 is folded into the scale (``e8m0_factors``).
+float32 (``triton_common.e2m1_halves``); the 2^14 is folded into the scale (``e8m0_factors``).
 Accumulation is float32 in every mode.
 
 - ``MODE_FMA`` (1): x is split by position in the word (in-thread), products summed
@@ -48,7 +48,13 @@ import triton
 import triton.language as tl
 
 from kernmux.dispatch.outputs import empty_output
-from kernmux.kernels.mxfp4_linear.triton_common import e8m0_factors, split_k_reduce_kernel
+from kernmux.kernels.mxfp4_linear.triton_common import (
+    e2m1_halves,
+    e8m0_factors,
+    join_in_k_order,
+    split_by_position,
+    split_k_reduce_kernel,
+)
 from kernmux.kernels.mxfp4_linear.triton_gemv_config import (
     DEFAULT_CONFIG,
     MODE_FMA,
@@ -61,45 +67,6 @@ from kernmux.kernels.mxfp4_linear.triton_gemv_config import (
 # Arrival counters per (device, stream): tiles of one launch beyond this use the second
 # reduce kernel (N = 1M columns of 16).
 COUNTER_SLOTS = 1 << 16
-
-
-@triton.jit
-def _e2m1_halves(words, J: tl.constexpr):
-    """int32 words of 8 E2M1 codes (code j in bits 4j..4j+3 = element j of the word) ->
-    float32 ``value * 2^-14`` of elements J (low half) and J + 4 (high half), J < 4.
-
-    Both codes land in one int32 as two IEEE halves (``triton_common`` explains the
-    bits): code J's bits 0-2 go to bits 9-11 and its sign to bit 15 (code J + 4: 25-27
-    and 31), two shifts and two masks for two values, then two exact conversions."""
-    if J == 3:
-        exponent = words >> 3  # the bits an arithmetic shift fills are masked off
-    else:
-        exponent = words << (9 - 4 * J)
-    h = (exponent & 0x0E000E00) | ((words << (12 - 4 * J)) & -2147450880)  # 0x80008000: both signs
-    low = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    high = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return low, high
-
-
-@triton.jit
-def _by_position(xv):
-    """[A, B, 8] -> the 8 slices [A, B] by position in the word (in-thread splits)."""
-    c0, c1 = tl.split(xv.reshape(xv.shape[0], xv.shape[1], 2, 2, 2))
-    b0c0, b1c0 = tl.split(c0)
-    b0c1, b1c1 = tl.split(c1)
-    x0, x4 = tl.split(b0c0)
-    x2, x6 = tl.split(b1c0)
-    x1, x5 = tl.split(b0c1)
-    x3, x7 = tl.split(b1c1)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
-def _in_k_order(w0, w1, w2, w3, w4, w5, w6, w7):
-    """Eight [A, B, C] tensors (element j of every word) -> [A, B, C, 8] in k order
-    (in-thread joins)."""
-    return tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7))).reshape(
-        w0.shape[0], w0.shape[1], w0.shape[2], 8)
 
 
 @triton.jit
@@ -136,7 +103,7 @@ def _fma_row(w0, w1, w2, w3, w4, w5, w6, w7, f1, f2, xv):
     """One row of x [GROUPS, 4, 8] against the decoded tile (w_j [BLOCK_N, GROUPS, 4]:
     element j of every word): [BLOCK_N, GROUPS] group sums times the factors (one after
     the other: f1 * f2 alone may overflow where the product does not)."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = _by_position(xv.to(tl.float32))
+    x0, x1, x2, x3, x4, x5, x6, x7 = split_by_position(xv.to(tl.float32))
     # Explicit fused multiply-adds (not left to the compiler's contraction setting).
     words = w0 * x0[None]
     words = tl.fma(w4, x4[None], words)
@@ -192,10 +159,10 @@ def _fma_loop(w_ptrs, s_ptrs, x_ptrs, x1_step, col_ok, offs_g, g_begin, groups_e
             s_ptrs += GROUPS * stride_sk
             x_ptrs += BLOCK_K * stride_xk
         # [BLOCK_N, GROUPS, 4] each: element j of every word, value * 2^-14.
-        w0, w4 = _e2m1_halves(cur_words, 0)
-        w1, w5 = _e2m1_halves(cur_words, 1)
-        w2, w6 = _e2m1_halves(cur_words, 2)
-        w3, w7 = _e2m1_halves(cur_words, 3)
+        w0, w4 = e2m1_halves(cur_words, 0)
+        w1, w5 = e2m1_halves(cur_words, 1)
+        w2, w6 = e2m1_halves(cur_words, 2)
+        w3, w7 = e2m1_halves(cur_words, 3)
         f1, f2 = e8m0_factors(cur_scales)  # [BLOCK_N, GROUPS]
         acc0 += _fma_row(w0, w1, w2, w3, w4, w5, w6, w7, f1, f2, cur_a)
         if TWO_ROWS:
@@ -222,10 +189,10 @@ def _dot_loop(w_ptrs, s_ptrs, x_ptr, rows, row_ok, col_ok, offs_g, k_begin, grou
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for g0 in range(k_begin // 32, groups_end, GROUPS):
         words, scales = _load_weights(w_ptrs, s_ptrs, col_ok, (g0 + offs_g) < groups_end, EVEN_K)
-        w0, w4 = _e2m1_halves(words, 0)
-        w1, w5 = _e2m1_halves(words, 1)
-        w2, w6 = _e2m1_halves(words, 2)
-        w3, w7 = _e2m1_halves(words, 3)
+        w0, w4 = e2m1_halves(words, 0)
+        w1, w5 = e2m1_halves(words, 1)
+        w2, w6 = e2m1_halves(words, 2)
+        w3, w7 = e2m1_halves(words, 3)
         f1, f2 = e8m0_factors(scales)
         f1 = f1[:, :, None]
         f2 = f2[:, :, None]
@@ -235,7 +202,7 @@ def _dot_loop(w_ptrs, s_ptrs, x_ptr, rows, row_ok, col_ok, offs_g, k_begin, grou
             else:
                 xv = tl.load(x_ptrs, mask=row_ok[:, None] & ((g0 * 32 + offs_k) < groups_end * 32)[None, :], other=0.0)
             # Back in k order: [BLOCK_N, GROUPS, 4 words, 8 positions] -> [BLOCK_N, BLOCK_K].
-            weight = _in_k_order(w0 * f1 * f2, w1 * f1 * f2, w2 * f1 * f2, w3 * f1 * f2,
+            weight = join_in_k_order(w0 * f1 * f2, w1 * f1 * f2, w2 * f1 * f2, w3 * f1 * f2,
                                  w4 * f1 * f2, w5 * f1 * f2, w6 * f1 * f2, w7 * f1 * f2)
             acc = _dot(weight.to(dtype).reshape(BLOCK_N, BLOCK_K), xv, acc, UPCAST)
         else:
@@ -244,7 +211,7 @@ def _dot_loop(w_ptrs, s_ptrs, x_ptr, rows, row_ok, col_ok, offs_g, k_begin, grou
             else:
                 q_ok = (g0 * 4 + offs_q) < groups_end * 4
                 xv = tl.load(x_ptrs, mask=row_ok[:, None, None] & q_ok[None, :, None], other=0.0)
-            x0, x1, x2, x3, x4, x5, x6, x7 = _by_position(xv)  # [BLOCK_M, GROUPS * 4] each
+            x0, x1, x2, x3, x4, x5, x6, x7 = split_by_position(xv)  # [BLOCK_M, GROUPS * 4] each
             acc = _dot((w0 * f1 * f2).to(dtype).reshape(BLOCK_N, BLOCK_K // 8), x0, acc, UPCAST)
             acc = _dot((w1 * f1 * f2).to(dtype).reshape(BLOCK_N, BLOCK_K // 8), x1, acc, UPCAST)
             acc = _dot((w2 * f1 * f2).to(dtype).reshape(BLOCK_N, BLOCK_K // 8), x2, acc, UPCAST)
