@@ -31,7 +31,11 @@ each weight value is ``e2m1 * 2^-14`` times ``2^(s - 113)`` (exact as two factor
 NaN scale (255) gives NaN, NaN/inf in x propagate as in the float32 product; only the
 summation order differs (per group, then per split). In ``MODE_FMA`` the products
 ``x * e2m1 * 2^-14`` are formed before the scale: activations below ~2^-110 in
-magnitude lose bits there (float32 subnormals), far below any activation a model makes.
+magnitude lose bits there (float32 subnormals), far below any activation a model makes,
+and a weight beyond float32 (scale byte 253/254 with a large code: inf in the
+reference's dequantization, never made by the OCP quantizer from finite weights) gives
+a finite product where the reference gives inf or NaN. The dot modes form every weight
+value and agree with the reference there.
 
 Config keys, cost model and the shape heuristic: ``triton_gemv_config.py``.
 """
