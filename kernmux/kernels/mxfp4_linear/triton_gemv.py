@@ -23,8 +23,9 @@ last program of each output tile to arrive (``REDUCE_LAST_PROGRAM``: an arrival 
 per tile that the last program resets to 0, so the counters stay zero between launches)
 or by a second kernel (``REDUCE_KERNEL``); the bias is added and the result cast once.
 Both are deterministic and give the same bits. The arrival counters are kept per device
-and stream (two streams never share one); a launch whose tiles exceed them uses the
-second kernel.
+and stream (two streams never share one; a CUDA graph keeps those of the stream it was
+captured on, so two graphs captured on one stream must not be replayed concurrently);
+a launch whose tiles exceed them uses the second kernel.
 
 Semantics match the reference (dequantize to float32, float32 products, one cast):
 each weight value is ``e2m1 * 2^-14`` times ``2^(s - 113)`` (exact as two factors), the
