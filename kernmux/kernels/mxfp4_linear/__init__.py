@@ -11,6 +11,8 @@ Kernels (registration imports none of triton, aiter or vllm):
   then ``F.linear`` (one extra pass over the weight per call, then a dense GEMM);
 - ``triton``: kernmux's fused W4A16 GEMM (weights dequantized per tile, split-K for few
   rows) -- reads ~4x fewer bytes than bf16 at decode;
+- ``triton_gemv``: kernmux's decode kernel (M <= 16): streams the packed weights with
+  128-bit loads, split-K reduced in the same launch, CUDA-core FMAs or ``tl.dot`` by M;
 - ``aiter``: AITER ``gemm_afp4wfp4`` + ``dynamic_mxfp4_quant`` on gfx950/gfx1250,
   precision class **W4A4** (a candidate only where a rule allows W4A4); unverified on
   AMD hardware;
@@ -29,8 +31,7 @@ from typing import Any
 
 from kernmux.dispatch.platform import Platform
 from kernmux.dispatch.registry import SUPPORTED, Support, register_kernel, register_op, unsupported
-from kernmux.kernels.mxfp4_linear import spec
-from kernmux.kernels.mxfp4_linear import triton_config
+from kernmux.kernels.mxfp4_linear import spec, triton_config, triton_gemv_config
 from kernmux.kernels.mxfp4_linear.dequant import CONFIG_SPACE as DEQUANT_CONFIG_SPACE
 from kernmux.kernels.mxfp4_linear.dequant import DEFAULT_CONFIG as DEQUANT_DEFAULT_CONFIG
 from kernmux.kernels.mxfp4_linear.formats import dequantize_mxfp4, quantize_mxfp4  # noqa: F401 - public helpers
@@ -58,6 +59,12 @@ def _triton_supports(feats: Mapping[str, Any], platform: Platform) -> Support:
     if feats["device"] == "cuda" and sm is not None and sm < 80:
         return unsupported(f"bf16 tensor-core dots need sm_80 or newer, platform is {platform.arch}")
     return SUPPORTED
+
+
+def _gemv_supports(feats: Mapping[str, Any], platform: Platform) -> Support:
+    if feats["tokens"] > triton_gemv_config.MAX_TOKENS:
+        return unsupported(f"decode kernel: M <= {triton_gemv_config.MAX_TOKENS} rows, got {feats['tokens']} (the triton GEMM takes larger M)")
+    return _triton_supports(feats, platform)
 
 
 def _aiter_supports(feats: Mapping[str, Any], platform: Platform) -> Support:
@@ -125,6 +132,20 @@ register_kernel(
     config_valid=triton_config.config_valid,
     priority=20,
     doc="fused W4A16 Triton GEMM: E2M1 tiles dequantized in registers or tl.dot_scaled, split-K for few rows",
+)
+
+register_kernel(
+    op=OP_NAME,
+    name="triton_gemv",
+    impl=f"{_PKG}.triton_gemv:mxfp4_linear_triton_gemv",
+    requires={"triton": ">=3.0"},
+    vendors=("cuda", "cpu"),
+    supports=_gemv_supports,
+    config_space=triton_gemv_config.CONFIG_SPACE,
+    default_config=triton_gemv_config.DEFAULT_CONFIG,
+    config_valid=triton_gemv_config.config_valid,
+    priority=25,
+    doc="MX FP4 decode kernel (M <= 16): 128-bit weight streaming, split-K reduced in one launch, FMA or tl.dot by M",
 )
 
 register_kernel(

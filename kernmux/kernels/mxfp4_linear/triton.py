@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from kernmux.dispatch.outputs import empty_output
-from kernmux.kernels.mxfp4_linear.triton_common import dequant_tile
+from kernmux.kernels.mxfp4_linear.triton_common import dequant_tile, split_k_reduce_kernel
 from kernmux.kernels.mxfp4_linear.triton_config import DEFAULT_CONFIG, MODE_DOT_SCALED, resolve_config
 
 
@@ -93,23 +93,6 @@ def _mxfp4_linear_kernel(
         tl.store(p_ptr + pid_k * M * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
 
 
-@triton.jit
-def _split_k_reduce_kernel(
-    p_ptr, b_ptr, y_ptr, M, N, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < M * N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in range(SPLIT_K):  # fixed order: deterministic
-        acc += tl.load(p_ptr + split * M * N + offs, mask=ok, other=0.0)
-    row = offs // N
-    col = offs % N
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + col, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_ym + col * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=ok)
-
-
 @functools.lru_cache(maxsize=8)
 def _units(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -151,7 +134,7 @@ def mxfp4_linear_triton(
     )
     if split > 1:
         block = 1024
-        _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
+        split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
             partials, bias if bias is not None else y, y, m, n, y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4,
         )
