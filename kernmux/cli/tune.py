@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     parser.add_argument("--db", default=None, help="database URL (default: KERNMUX_DB or the user cache file)")
     parser.add_argument("--workers", type=int, default=1,
                         help="tuning processes on this host; with CUDA one GPU each (default 1)")
+    parser.add_argument("--gpus", default=None, metavar="all|0,1,...",
+                        help="one tuning process per GPU, each pinned to its own (CUDA_VISIBLE_DEVICES), all on "
+                             "one study; the GPU index is recorded per row (replaces --workers)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per trial (default 120)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="timing warm-up per trial (default 25)")
@@ -170,10 +173,24 @@ def settings_from_args(args, op_name: str, kernels: tuple[str, ...] | None):
 
     return TuneSettings(
         op=op_name, kernels=kernels, trials=args.trials, sampler=args.sampler, seed=args.seed,
-        url=args.db, workers=args.workers, timeout_s=args.timeout, warmup_ms=args.warmup_ms,
+        url=args.db, workers=args.workers, timeout_s=args.timeout, warmup_ms=args.warmup_ms, gpus=_gpus(args),
         rep_ms=args.rep_ms, cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph], isolate=not args.in_process,
         imports=tuple(args.imports), baseline=args.baseline or None,
     )
+
+
+def _gpus(args) -> tuple[str, ...]:
+    """``--gpus``: the GPU ids, checked against the visible ones (UsageError otherwise)."""
+    if not getattr(args, "gpus", None):
+        return ()
+    from kernmux.tuning_db.tuning.gpus import parse_gpus, visible_gpus
+
+    if args.workers != 1:
+        raise UsageError("--gpus starts one tuning process per GPU: leave out --workers")
+    try:
+        return parse_gpus(args.gpus, visible_gpus())
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _shown_url(url: str | None) -> str:

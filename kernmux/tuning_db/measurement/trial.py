@@ -17,6 +17,7 @@ costs one trial.
 from __future__ import annotations
 
 import itertools
+import os
 import math
 import traceback
 from collections.abc import Mapping
@@ -76,13 +77,23 @@ def json_safe(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return safe
 
 
+# Set in a tuning process pinned to one GPU (``kernmux tune --gpus``): that GPU's index as
+# the host numbers it, recorded in each row's platform (not in the fingerprint: GPUs of
+# one model share their measurements).
+GPU_INDEX_ENV = "KERNMUX_GPU_INDEX"
+
+
 def platform_fields(platform: Platform, requires: Any = ()) -> dict[str, Any]:
     """The fingerprint/platform/libs fields of a record.
 
     libs: torch, triton and the kernel's provider libraries only (``relevant_libs``), so
-    that an unrelated upgrade does not invalidate the measurement."""
+    that an unrelated upgrade does not invalidate the measurement. platform: the
+    platform's hardware fields, plus ``gpu_index`` in a process pinned by ``--gpus``."""
     info = platform.as_dict()
     info.pop("libs")
+    gpu_index = os.environ.get(GPU_INDEX_ENV)
+    if gpu_index:
+        info["gpu_index"] = gpu_index
     return {
         "fingerprint": platform.fingerprint(),
         "platform": info,

@@ -47,6 +47,7 @@ from kernmux.tuning_db.tuning.search import (
 )
 from kernmux.tuning_db.tuning.results import BucketResult, summarize
 from kernmux.tuning_db.tuning.study_storage import load_study as _load_study
+from kernmux.tuning_db.tuning.gpus import gpu_envs
 from kernmux.tuning_db.tuning.study_storage import open_study_storage, schema_lock
 
 __all__ = ["BucketResult", "Plan", "TuneError", "TuneSettings", "open_study_storage", "tune"]
@@ -78,6 +79,8 @@ class TuneSettings:
     baseline: kernel measured first in every study so a speed-up is always known.
     startup_trials: TPE's random start (None: a default scaled to the space).
     fixed: kernel -> {param: value}: search only that kernel's sub-space (benchmarks).
+    gpus: one tuning process per listed GPU, each pinned to it (``--gpus``); overrides
+        ``workers``.
     """
 
     op: str
@@ -96,6 +99,7 @@ class TuneSettings:
     baseline: str | None = "torch"
     startup_trials: int | None = None
     fixed: Mapping[str, Mapping[str, Any]] | None = None
+    gpus: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,10 @@ def _missing_device(plans: Sequence[Plan]) -> str:
 
 
 def _agent_envs(settings: TuneSettings, plans: Sequence[Plan]) -> list[dict[str, str]]:
-    """Environment of each tuning process: one GPU each when tuning CUDA features."""
+    """Environment of each tuning process: one GPU each when tuning CUDA features, or
+    the GPUs named by ``settings.gpus`` whatever the features."""
+    if settings.gpus:
+        return gpu_envs(settings.gpus)
     envs: list[dict[str, str]] = [{} for _ in range(settings.workers)]
     if not any(_device_for(p.features) == "cuda" for p in plans):
         return envs
@@ -345,6 +352,8 @@ def tune(
     progress(event): called with {"event": "plan"|"trial"|"study_done", ...} dicts."""
     import importlib
 
+    if settings.gpus:
+        settings = _replace(settings, workers=len(settings.gpus))
     if settings.workers < 1:
         raise ValueError(f"workers must be >= 1, got {settings.workers}")
     if settings.trials < 1:
@@ -367,7 +376,7 @@ def tune(
                       "budget": min(settings.trials, len(plan.space)), "skipped": dict(plan.space.skipped)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if settings.workers == 1:
+        if settings.workers == 1 and not settings.gpus:  # a pinned GPU needs its own process
             run_agent(settings, plans, 0, progress)
             errors: list[str] = []
         else:
