@@ -41,7 +41,7 @@ PROBLEMS = {
 
 
 def _postgres(tmp: Path):
-    """(url, stop) of a throwaway PostgreSQL server, or (None, reason)."""
+    """(url_of(n), stop) of a throwaway PostgreSQL server, or (None, reason)."""
     bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
     initdb = next((b / "initdb" for b in bins if (b / "initdb").exists()), None) or shutil.which("initdb")
     if initdb is None:
@@ -55,12 +55,15 @@ def _postgres(tmp: Path):
                    capture_output=True)
     subprocess.run([*user, str(bindir / "pg_ctl"), "-D", str(data), "-o", f"-p {port} -k {tmp}", "-w", "start",
                     "-l", str(tmp / "pg.log")], check=True, capture_output=True)
-    subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "kmx", "tune"], check=True)
+
+    def url_of(n: int) -> str:  # a fresh database per GPU count
+        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "kmx", f"tune{n}"], check=True)
+        return f"postgresql+psycopg://kmx@127.0.0.1:{port}/tune{n}"
 
     def stop() -> None:
         subprocess.run([*user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
 
-    return f"postgresql+psycopg://kmx@127.0.0.1:{port}/tune", stop
+    return url_of, stop
 
 
 def run_once(op: str, gpus: tuple[str, ...], url: str, kernels: tuple[str, ...]) -> dict:
@@ -112,7 +115,7 @@ def main() -> int:
             if pg is None:
                 notes.append(f"PostgreSQL not measured: {stop}")
             else:
-                backends.append(("postgresql", lambda n, pg=pg: pg, stop))
+                backends.append(("postgresql", pg, stop))
         try:
             for backend, url_of, _ in backends:
                 for n in counts:
@@ -126,8 +129,6 @@ def main() -> int:
                     print(f"{backend:<10} {n} GPU(s): {row['rows']} rows / {row['points']} points, "
                           f"{row['trials_per_min']:.1f} trials/min, wall {row['wall_s']:.1f} s, lost {row['lost']}, "
                           f"duplicates {row['duplicates']}, per GPU {row['rows_per_gpu']}", flush=True)
-                    if backend == "postgresql":
-                        break  # one shared server: further counts would resume the same study
         finally:
             for _, _, stop in backends:
                 if stop:
