@@ -42,6 +42,7 @@ from kernmux.kernels.mxfp4_linear.triton_gemv_config import (
     config_problem,
     splits_run,
 )
+from kernmux.dispatch.rule_model import RuleSet
 from kernmux.rules.loader import load_rules
 
 OP = "mxfp4_linear"
@@ -250,9 +251,15 @@ def _sm90() -> Platform:
 
 
 def test_dispatch_takes_the_decode_kernel_up_to_16_rows_only():
+    # Priority alone: the decode kernel up to 16 rows; with the shipped rules, from 3 rows
+    # the GEMM is preferred (measured faster there on the H200).
     for tokens, kernel in ((1, KERNEL), (3, KERNEL), (16, KERNEL), (17, "triton"), (4096, "triton")):
-        decision = resolve(OP, feats(tokens=tokens, n=1536, k=7168, device="cuda"), _sm90(), load_rules(), force={})
+        decision = resolve(OP, feats(tokens=tokens, n=1536, k=7168, device="cuda"), _sm90(), RuleSet(), force={})
         assert (decision.kernel, decision.source) == (kernel, "priority"), (tokens, decision.kernel)
+    shipped = {t: resolve(OP, feats(tokens=t, n=1536, k=7168, device="cuda"), _sm90(), load_rules(), force={})
+               for t in (1, 2, 3, 16)}
+    assert [(shipped[t].kernel, shipped[t].source) for t in (1, 2)] == [(KERNEL, "priority")] * 2
+    assert [(shipped[t].kernel, shipped[t].source) for t in (3, 16)] == [("triton", "prefer")] * 2
     support = REGISTRY.kernels_of(OP)[KERNEL].check(feats(tokens=17, device="cuda"), _sm90())
     assert not support.ok and "M <= 16" in support.reason
 

@@ -222,10 +222,11 @@ def test_marlin_probe_reports_unsupported_gpus(monkeypatch):
     [
         (cuda("sm_90", "0.33.0"), "marlin", "chosen"),
         (cuda("sm_80", "0.32.0"), "marlin", "chosen"),
-        (cuda("sm_90", None), "triton_gemv", "unavailable"),  # 5 rows: the decode kernel
-        (cuda("sm_90", "0.31.0"), "triton_gemv", "unavailable"),
+        # 5 rows: the decode kernel supports them, the shipped rule prefers the GEMM from 3
+        (cuda("sm_90", None), "triton", "unavailable"),
+        (cuda("sm_90", "0.31.0"), "triton", "unavailable"),
         (cuda("sm_75", "0.33.0"), "dequant_cublas", "unsupported"),
-        (cuda("sm_100", "0.33.0"), "triton_gemv", "allowed"),
+        (cuda("sm_100", "0.33.0"), "triton", "allowed"),
     ],
 )
 def test_marlin_rule_and_gates(platform, kernel, marlin_status):

@@ -125,9 +125,11 @@ def auto_config(tokens: int, n: int, k: int, units: int = 132, interpret: bool =
         return {"MODE": mode, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": splits_run(k, block_k, 2 if k >= 4 * block_k else 1)[0],
                 "REDUCE": REDUCE_LAST_PROGRAM, "num_warps": warps, "num_stages": stages}
     if mode == MODE_FMA:
-        # 16 rows x 256 bytes per iteration, the next block prefetched: ~64 bytes in
-        # flight per thread at ~120 registers (4 programs per SM).
-        block_n, block_k, warps, stages = 16, 512, 4, 2
+        # 16 rows x 128-256 bytes per iteration, the next block prefetched. BLOCK_K 256 up
+        # to K = 8192 and 512 beyond: the fastest of the explored configs at M = 1 on the
+        # H200 for all five benchmark shapes
+        # (benchmarks/results/h200/mxfp4_linear_explore_decode_h200.md).
+        block_n, block_k, warps, stages = 16, 256 if k <= 8192 else 512, 4, 2
     else:
         block_n, block_k, warps, stages = 64, 256, 4, 3
     min_n = 8 if mode == MODE_FMA else 16
