@@ -55,10 +55,25 @@ def tuning_factory(db_url: str | None = None) -> Callable[[], tuple[Any, str]]:
         try:
             from kernmux.tuning_db.storage.source import open_tuning_source
         except ImportError as e:
-            return None, f"tuning database support not installed ({e.name}); pip install 'kernmux[tuning]'"
+            why = (f"tuning database support not installed ({e.name}); install the 'tuning' extra: "
+                   "pip install -e '.[tuning]' in the kernmux clone")
+            if db_url or os.environ.get("KERNMUX_DB"):
+                _warn_once(f"kernmux: KERNMUX_DB/--db is set but ignored: {why}; decisions fall back to rules and priorities")
+            return None, why
         return open_tuning_source(db_url)
 
     return open_
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A logger warning, once per process and message (a database that cannot be used
+    must not pass silently, nor flood an engine's log)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
 
 
 def make_dispatcher(
