@@ -68,6 +68,20 @@ def tuning_factory(db_url: str | None = None) -> Callable[[], tuple[Any, str]]:
 _WARNED: set[str] = set()
 
 
+def _missing_tuning_libs() -> list[str]:
+    """The tuning database's libraries that cannot be imported here."""
+    import importlib.util
+
+    missing = []
+    for name in ("sqlalchemy", "alembic"):
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):
+            missing.append(name)
+    return missing
+
+
 def _warn_once(message: str) -> None:
     """A logger warning, once per process and message (a database that cannot be used
     must not pass silently, nor flood an engine's log)."""
@@ -116,7 +130,10 @@ def self_check(dispatcher: Dispatcher, db_url: str | None, run: bool, use_db: bo
         mode = "auto"
     store = None
     if use_db and mode != "off":
+        missing = _missing_tuning_libs()
         try:
+            if missing:  # the verdict module imports lazily: check what writing needs
+                raise ImportError(name=missing[0])
             from kernmux.tuning_db.measurement.verdicts import DatabaseVerdicts
         except ImportError as e:
             log.info("kernmux: self-check verdicts kept in this process (%s not installed)", e.name)
