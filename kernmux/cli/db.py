@@ -220,10 +220,11 @@ def run_report(args) -> int:
     with _open(args) as store:
         check_op_filter(args.op, stored_ops(store) if args.op else ())
         sections = write_report(store, args.output, op=args.op)
+        dashboard = f"optuna-dashboard {store.display_url}"
     if args.json:
-        print_json({"ok": True, "output": args.output, "sections": sections})
+        print_json({"ok": True, "output": args.output, "sections": sections, "dashboard": dashboard})
     else:
-        print(f"wrote {args.output} ({sections} section(s))")
+        print(f"wrote {args.output} ({sections} section(s)); every trial of the studies: {dashboard}")
     return 0
 
 
