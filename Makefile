@@ -6,7 +6,8 @@
 # torch: a machine that already has it (e.g. a CUDA or ROCm build in the system
 # site-packages, which the venv sees) keeps it. Otherwise, with an NVIDIA GPU, PyPI's
 # torch (the CUDA build, Triton included); without a GPU, the CPU build from PyTorch's CPU
-# index (PyPI's Linux wheel would pull several GB of CUDA libraries); with a ROCm GPU,
+# index (PyPI's Linux wheel would pull several GB of CUDA libraries; a +cpu wheel that pip
+# is already configured to find, e.g. in a local wheel directory, is used first); with a ROCm GPU,
 # install PyTorch's ROCm build first (pytorch.org). Triton is installed only for the test
 # suite on machines whose torch did not bring it (its interpreter runs the Triton kernels'
 # tests on CPU); `make run` does not need it.
@@ -37,7 +38,7 @@ $(VENV)/.setup-done: pyproject.toml
 	  exit 1; \
 	else \
 	  echo "[setup] installing torch $(TORCH_VERSION) (CPU build) ..."; \
-	  $(PIP) install -q --no-index "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+	  $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
 	    || $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --index-url "$(TORCH_CPU_INDEX)"; \
 	fi
 	@echo "[setup] installing kernmux (editable) with the tuning database extra ..."
