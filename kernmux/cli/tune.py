@@ -31,7 +31,10 @@ def register(subparsers) -> None:
             "Each trial runs in a worker subprocess: fresh inputs, the numerics gate against "
             "the reference, then timing. Every trial, failures included, is a row in the "
             "database; the optuna study lives in the same database, so a re-run resumes it and "
-            "several processes or hosts (one PostgreSQL URL) tune it together."
+            "several processes or hosts (one PostgreSQL URL) tune it together. Features not given "
+            "take the op's defaults. CPU trials are timed on one intra-op thread; a dispersed "
+            "timing (p80/p20 > 1.5) is taken again and, still dispersed, stored flagged and never "
+            "chosen. --remeasure times stored points again."
         ),
     )
     parser.add_argument("op", help="op name (see `kernmux ops`)")
