@@ -19,6 +19,9 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TRITON_SPEC ?= triton>=3.1
+# setuptools prints a banner on every editable install (an import-precedence notice about
+# the install mode, not about this project); recent pip shows it even with -q.
+EDITABLE_QUIET := PYTHONWARNINGS="ignore:Editable installation"
 # cuda | rocm | cpu: which torch build this machine needs.
 GPU_KIND := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo cuda; \
                     elif [ -e /dev/kfd ]; then echo rocm; else echo cpu; fi)
@@ -42,7 +45,7 @@ $(VENV)/.setup-done: pyproject.toml
 	    || $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --index-url "$(TORCH_CPU_INDEX)"; \
 	fi
 	@echo "[setup] installing kernmux (editable) with the tuning database extra ..."
-	@$(PIP) install -q -e ".[tuning]"
+	@$(EDITABLE_QUIET) $(PIP) install -q -e ".[tuning]"
 	@touch $@
 	@echo "[setup] done: $(VENV)"
 
@@ -54,7 +57,7 @@ $(VENV)/.dev-done: $(VENV)/.setup-done
 	  $(PIP) install -q "$(TRITON_SPEC)"; \
 	fi
 	@echo "[setup] installing the test extra (pytest, PostgreSQL driver, import-linter) ..."
-	@$(PIP) install -q -e ".[dev]"
+	@$(EDITABLE_QUIET) $(PIP) install -q -e ".[dev]"
 	@touch $@
 
 setup-dev: $(VENV)/.dev-done
