@@ -198,7 +198,7 @@ def _history_html(section: Section, recipe: dict[str, Any] | None) -> str:
     if not section.studies:
         return ""
     svg = svg_best_over_trials(section.histories)
-    parts = ["<h3>Search history: best p50 over trials, per study</h3>"]
+    parts = ['<div class="history-panel"><h3>Search history: best p50 over trials, per study</h3>']
     parts.append(svg or "<p>No finished optuna trial recorded for these studies.</p>")
     if recipe is not None:
         names = "".join(f"<li><code>{html.escape(n)}</code> ({html.escape(section.studies[n])})</li>"
@@ -208,7 +208,7 @@ def _history_html(section: Section, recipe: dict[str, Any] | None) -> str:
             f"(<code>{html.escape(recipe['install'])}</code>): <code>{html.escape(recipe['command'])}</code></p>"
             f"<details><summary>studies ({len(section.studies)})</summary><ul>{names}</ul></details>"
         )
-    return "".join(parts)
+    return "".join(parts) + "</div>"
 
 
 def _section_html(section: Section, recipe: dict[str, Any] | None = None) -> str:
@@ -233,13 +233,18 @@ def _section_html(section: Section, recipe: dict[str, Any] | None = None) -> str
         f"{html.escape(str(plat.get('device')))} ({html.escape(str(plat.get('units')))} units) &middot; "
         f"{html.escape(versions)} &middot; fingerprint <code>{html.escape(section.fingerprint)}</code></p>"
         f"<p>buckets won: {win_text}</p>"
-        f"<table>{caption_html}<tr><th>&nbsp;</th>{head}</tr>{''.join(body)}</table>"
-        f"{_history_html(section, recipe)}</section>"
+        f'<div class="panels"><table>{caption_html}<tr><th>&nbsp;</th>{head}</tr>{"".join(body)}</table>'
+        f"{_history_html(section, recipe)}</div></section>"
     )
 
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 22px; } h2 { font-size: 19px; margin-bottom: 0.2em; } h3 { font-size: 15px; margin: 0 0 0.3em; }
+.panels { display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }
+p { margin: 0.4em 0; }
+.history-panel { flex: 0 1 660px; min-width: 0; font-size: 13px; overflow-wrap: anywhere; }
+details { font-size: 12px; }
 table { border-collapse: collapse; margin-bottom: 1.5em; }
 th, td { border: 1px solid #bbb; padding: 4px 8px; text-align: center; font-size: 13px; }
 th { background: #f4f4f4; font-weight: 600; }

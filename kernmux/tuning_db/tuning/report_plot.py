@@ -67,7 +67,7 @@ def svg_best_over_trials(histories: Sequence[History], *, width: int = 640, heig
     legend_h = 16 * len(series)
     plot_w, plot_h = width - left - right, height - top - bottom
     max_x = max(max(n for n, _ in pts) for _, pts in series)
-    values = [v for _, pts in series for _, v in pts]
+    values = [v for history, _ in series for _, v in history.points]  # every trial, not only the best so far
     lo, hi = math.log10(min(values)), math.log10(max(values))
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
@@ -82,7 +82,7 @@ def svg_best_over_trials(histories: Sequence[History], *, width: int = 640, heig
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + legend_h}" '
              f'role="img" aria-label="best p50 over trials" class="history">']
     parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" stroke="#bbb"/>')
-    for exp in range(math.ceil(lo), math.floor(hi) + 1):  # decades
+    for exp in range(math.floor(lo), math.floor(hi) + 1):  # decades
         for mant in (1, 2, 5):
             v = mant * 10**exp
             if lo <= math.log10(v) <= hi:
