@@ -33,6 +33,18 @@ def add_json_flag(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout (errors too)")
 
 
+def needs_subcommand(parser):
+    """Handler of a command group run without its subcommand: help, or a JSON error."""
+
+    def handler(args) -> int:
+        if _JSON_ERRORS:
+            return fail(f"{parser.prog} needs a subcommand; see `{parser.prog} --help`")
+        parser.print_help()
+        return 2
+
+    return handler
+
+
 def add_import_flag(parser) -> None:
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (a module registering extra ops or kernels); repeatable")

@@ -10,7 +10,16 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from kernmux.cli.common import UsageError, add_json_flag, check_op_filter, fail, print_json, stored_ops, tuning_extra_problem
+from kernmux.cli.common import (
+    UsageError,
+    add_json_flag,
+    check_op_filter,
+    fail,
+    needs_subcommand,
+    print_json,
+    stored_ops,
+    tuning_extra_problem,
+)
 
 
 def _common(parser) -> None:
@@ -73,7 +82,7 @@ def register(subparsers) -> None:
     _common(p)
     p.set_defaults(handler=run_prune)
 
-    parser.set_defaults(handler=lambda args: (parser.print_help(), 2)[1])
+    parser.set_defaults(handler=needs_subcommand(parser))
 
 
 def _open(args, *, create: bool = False, check: bool = True):

@@ -73,9 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parse(parser, argv)
     except SystemExit as e:
         return int(e.code or 0)
-    set_json_errors(bool(getattr(args, "json", False)))
+    set_json_errors(bool(getattr(args, "json", False)) or "--json" in argv)
     handler = getattr(args, "handler", None)
     if handler is None:
+        if "--json" in argv:
+            return fail("a command is needed; see `kernmux --help`", EXIT_USAGE)
         parser.print_help()
         return EXIT_USAGE
     try:

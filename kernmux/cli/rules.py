@@ -10,6 +10,7 @@ from kernmux.cli.common import (
     add_json_flag,
     check_op_filter,
     fail,
+    needs_subcommand,
     print_json,
     printable,
     stored_ops,
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
     add_import_flag(derive)
     add_json_flag(derive)
     derive.set_defaults(handler=run_derive)
-    parser.set_defaults(handler=lambda args: (parser.print_help(), 2)[1])
+    parser.set_defaults(handler=needs_subcommand(parser))
 
 
 def run_lint(args) -> int:

@@ -253,12 +253,15 @@ def test_unknown_kernel_names_suggest(capsys):
         (["db", "prune", "--status", "okay", "--db", "{tmp}/missing.sqlite"], 2),
         (["explain", OP, "--bogus-flag"], 2),
         (["ceilings", "--db", "{tmp}/x.sqlite"], 1),
+        (["db"], 2),
+        ([], 2),
     ],
 )
 def test_json_errors_are_json(capsys, tmp_path, argv, code):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     got, out, err = run(capsys, *argv, "--json")
     assert got == code, (out, err)
+    assert "usage:" not in out
     data = json.loads(out)  # exactly one JSON document on stdout
     if "error" in data and "code" in data:
         assert data["code"] == code and data["error"]
