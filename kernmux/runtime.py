@@ -56,7 +56,11 @@ def tuning_factory(db_url: str | None = None) -> Callable[[], tuple[Any, str]]:
         try:
             from kernmux.tuning_db.storage.source import open_tuning_source
         except ImportError as e:
-            return None, f"tuning database support not installed ({e.name}); pip install 'kernmux[tuning]'"
+            why = (f"tuning database support not installed ({e.name}); install the 'tuning' extra: "
+                   "pip install -e '.[tuning]' in the kernmux clone")
+            if db_url or os.environ.get("KERNMUX_DB"):
+                _warn_once(f"kernmux: KERNMUX_DB/--db is set but ignored: {why}; decisions fall back to rules and priorities")
+            return None, why
         source, note = open_tuning_source(db_url)
         reason = getattr(getattr(source, "store", None), "read_only_reason", "")
         if source is not None and reason:
@@ -65,6 +69,31 @@ def tuning_factory(db_url: str | None = None) -> Callable[[], tuple[Any, str]]:
         return source, note
 
     return open_
+
+
+_WARNED: set[str] = set()
+
+
+def _missing_tuning_libs() -> list[str]:
+    """The tuning database's libraries that cannot be imported here."""
+    import importlib.util
+
+    missing = []
+    for name in ("sqlalchemy", "alembic"):
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):
+            missing.append(name)
+    return missing
+
+
+def _warn_once(message: str) -> None:
+    """A logger warning, once per process and message (a database that cannot be used
+    must not pass silently, nor flood an engine's log)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
 
 
 def make_dispatcher(
@@ -107,7 +136,10 @@ def self_check(dispatcher: Dispatcher, db_url: str | None, run: bool, use_db: bo
         mode = "auto"
     store = None
     if use_db and mode != "off":
+        missing = _missing_tuning_libs()
         try:
+            if missing:  # the verdict module imports lazily: check what writing needs
+                raise ImportError(name=missing[0])
             from kernmux.tuning_db.measurement.verdicts import DatabaseVerdicts
         except ImportError as e:
             log.info("kernmux: self-check verdicts kept in this process (%s not installed)", e.name)

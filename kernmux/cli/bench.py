@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from kernmux.cli.common import UsageError, add_json_flag, fail, format_features, get_op, parse_feature_args, print_json, table
+from kernmux.cli.common import (
+    UsageError,
+    add_import_flag,
+    add_json_flag,
+    fail,
+    format_features,
+    get_kernels,
+    get_op,
+    parse_feature_args,
+    print_json,
+    resolve_device,
+    table,
+)
 
 
 def register(subparsers) -> None:
@@ -14,7 +26,8 @@ def register(subparsers) -> None:
             "kernel through the numerics gate and then time it (warm-up, L2 flush, median with "
             "p20/p80). The roofline floor uses the op's bytes/FLOPs over this GPU's ceilings, "
             "measured on first need (2 GiB copy, bf16 8192^3 matmul) and kept in the tuning "
-            "database (see `kernmux ceilings`); on CPU no fraction is shown."
+            "database (see `kernmux ceilings`); on CPU no fraction is shown, and kernels are "
+            "timed on one intra-op thread. Features not given take the op's defaults."
         ),
     )
     parser.add_argument("op", help="op name (see `kernmux ops`)")
@@ -26,6 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument("--rep-ms", type=float, default=100.0, help="repetitions per kernel (default 100)")
     parser.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (launch-bound ops)")
     parser.add_argument("--isolate", action="store_true", help="run each kernel in a worker subprocess")
+    add_import_flag(parser)
     parser.add_argument("--db", default=None, metavar="URL",
                         help="tuning database holding the measured ceilings (default: KERNMUX_DB or the default database)")
     add_json_flag(parser)
@@ -37,17 +51,16 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def run(args) -> int:
-    import torch
-
     from kernmux.tuning_db.measurement.bench import bench
     from kernmux.tuning_db.measurement.ceilings import device_ceilings
     from kernmux.tuning_db.measurement.timing import environment_row
+    from kernmux.tuning_db.measurement.trial import CPU_TIMING_THREADS
 
     try:
         op = get_op(args.op)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(args.device)
         feature_sets = parse_feature_args(op, args.features, device=device)
-        kernels = [k.strip() for k in args.kernels.split(",") if k.strip()] if args.kernels else None
+        kernels = get_kernels(op, args.kernels)
         if device == "cuda":
             ceilings, why_none = device_ceilings(db_url=args.db)
         else:
@@ -55,17 +68,23 @@ def run(args) -> int:
         rows, ceilings = bench(
             op.name, feature_sets, kernels, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
             cuda_graph=args.cuda_graph, seed=args.seed, isolate=args.isolate, ceilings=ceilings, find_ceilings=False,
+            imports=tuple(args.imports),
         )
     except (UsageError, ValueError) as e:
         return fail(str(e))
+    ran = [r for r in rows if r.status != "unsupported"]
+    nothing_ran = "no kernel could run here for these features"
     if args.json:
         print_json({
             "op": op.name,
             "environment": environment_row(),
             "ceilings": None if ceilings is None else ceilings.as_dict(),
             "ceilings_note": why_none,
+            "cpu_timing_threads": CPU_TIMING_THREADS if device == "cpu" else None,
             "rows": [r.as_dict() for r in rows],
+            **({"error": nothing_ran, "code": 1} if not ran else {}),
         })
+        return 1 if not ran or any(r.status != "ok" for r in ran) else 0
     else:
         table_rows = []
         for r in rows:
@@ -81,6 +100,8 @@ def run(args) -> int:
             ])
         print(table(table_rows, ["features", "kernel", "p50 us", "p20", "p80", "vs best", "floor us",
                                  "roofline", "TB/s"]))
+        if device == "cpu":
+            print(f"timed on CPU with {CPU_TIMING_THREADS} intra-op thread(s)")
         if ceilings is None:
             print(f"no measured ceilings ({why_none}): roofline fraction not shown")
         else:
@@ -88,7 +109,6 @@ def run(args) -> int:
         failed = [r for r in rows if r.status not in ("ok", "unsupported")]
         for r in failed:
             print(f"{r.kernel} {format_features(r.features)}: {r.status}: {(r.error or '').splitlines()[0][:160]}")
-    ran = [r for r in rows if r.status != "unsupported"]
     if not ran:
-        return fail("no kernel could run here for these features", 1)
+        return fail(nothing_ran, 1)
     return 1 if any(r.status != "ok" for r in ran) else 0

@@ -1,4 +1,5 @@
-"""``kernmux db upgrade | show | export | import | merge | report``: inspect and move tuning data.
+"""``kernmux db upgrade | show | export | import | merge | report | prune``: inspect and move
+tuning data; ``prune`` is the one command that deletes rows.
 
 Every subcommand takes ``--db URL`` (default: ``KERNMUX_DB`` or the default SQLite file)
 and ``--json``. Heavy imports (SQLAlchemy, alembic) happen inside ``run_*``. Reading
@@ -11,7 +12,17 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from kernmux.cli.common import add_json_flag, fail, print_json, printable
+from kernmux.cli.common import (
+    UsageError,
+    add_json_flag,
+    check_op_filter,
+    fail,
+    needs_subcommand,
+    print_json,
+    printable,
+    stored_ops,
+    tuning_extra_problem,
+)
 
 
 def _common(parser) -> None:
@@ -55,7 +66,26 @@ def register(subparsers) -> None:
     _common(p)
     p.set_defaults(handler=run_report)
 
-    parser.set_defaults(handler=lambda args: (parser.print_help(), 2)[1])
+    p = sub.add_parser(
+        "prune", help="delete rows by op, kernel, status, age or dispersed timing (the only deletion; --dry-run first)",
+        description=(
+            "Delete the rows every given condition matches: --op, --kernel, --status, --older-than, --noisy "
+            "(ok rows whose p80/p20 is over the dispersion bound). This is the one place rows are deleted. "
+            "--dry-run lists what would go; without it, --yes is required. An optuna study left without rows "
+            "is deleted too (a later `kernmux tune` searches it again)."
+        ),
+    )
+    p.add_argument("--op", default=None, help="only rows of this op")
+    p.add_argument("--kernel", default=None, help="only rows of this kernel")
+    p.add_argument("--status", default=None, metavar="S[,S]", help="only rows with one of these statuses")
+    p.add_argument("--older-than", default=None, metavar="AGE", help="only rows created more than AGE ago (e.g. 12h, 7d, 2w)")
+    p.add_argument("--noisy", action="store_true", help="only ok rows whose timing is dispersed")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    p.add_argument("--yes", action="store_true", help="delete without --dry-run (required: deleting is final)")
+    _common(p)
+    p.set_defaults(handler=run_prune)
+
+    parser.set_defaults(handler=needs_subcommand(parser))
 
 
 def _open(args, *, create: bool = False, check: bool = True):
@@ -85,27 +115,28 @@ def _not_persistent(args) -> str:
     return persistence_problem(normalize_url(args.db) if args.db else default_url())
 
 
-_WRITING = {"run_upgrade", "run_import", "run_merge"}
+_WRITING = {"run_upgrade", "run_import", "run_merge", "run_prune"}
 
 
 def _guard(fn):
     """Turn database and format errors into a message and exit code 1."""
 
     def run(args) -> int:
-        try:
-            from kernmux.tuning_db.storage.errors import TuningDBError
-            from kernmux.tuning_db.tuning.export import ExportFormatError
-        except ImportError as e:
-            return fail(f"tuning database support is not installed ({e.name}); pip install 'kernmux[tuning]'", 1)
+        problem = tuning_extra_problem()
+        if problem:
+            return fail(problem, 1)
+        from kernmux.tuning_db.storage.errors import TuningDBError
+        from kernmux.tuning_db.tuning.export import ExportFormatError
+
         if fn.__name__ in _WRITING:
             problem = _not_persistent(args)
             if problem:
                 return fail(problem, 2)
         try:
             return fn(args)
+        except UsageError as e:
+            return fail(str(e))
         except (TuningDBError, ExportFormatError, OSError) as e:
-            if args.json:
-                print_json({"ok": False, "error": f"{type(e).__name__}: {e}"})
             return fail(str(e), 1)
 
     run.__name__ = fn.__name__
@@ -140,6 +171,7 @@ def run_show(args) -> int:
         }
         if status == "current":
             info.update(store.summary())
+            check_op_filter(args.op, {e["op"] for e in info["by_kernel"]})
         if status == "current" and args.rows:
             from kernmux.tuning_db.tuning.export import row_to_dict
 
@@ -184,6 +216,7 @@ def run_export(args) -> int:
     from kernmux.tuning_db.tuning.export import write_export
 
     with _open_read_only(args) as store:
+        check_op_filter(args.op, stored_ops(store) if args.op else ())
         if args.output:
             n = write_export(store, args.output, op=args.op)
         else:
@@ -204,7 +237,9 @@ def _report_import(args, report, verb: str) -> int:
     else:
         print(printable(f"{verb}: {report.summary()}"))
     if report.error is not None:
-        fail(f"{verb} stopped {report.error}", 1)
+        # The report (JSON: its "error" field) already says it; one document on stdout.
+        sys.stderr.write(printable(f"kernmux: error: {verb} stopped {report.error}\n", sys.stderr))
+        return 1
     return 0 if report.ok else 1
 
 
@@ -231,9 +266,37 @@ def run_report(args) -> int:
     from kernmux.tuning_db.tuning.report import write_report
 
     with _open_read_only(args) as store:
+        check_op_filter(args.op, stored_ops(store) if args.op else ())
         sections = write_report(store, args.output, op=args.op)
+        dashboard = f"optuna-dashboard {store.display_url}"
     if args.json:
-        print_json({"ok": True, "output": args.output, "sections": sections})
+        print_json({"ok": True, "output": args.output, "sections": sections, "dashboard": dashboard})
     else:
-        print(f"wrote {args.output} ({sections} section(s))")
+        print(f"wrote {args.output} ({sections} section(s)); every trial of the studies: {dashboard}")
+    return 0
+
+
+@_guard
+def run_prune(args) -> int:
+    from kernmux.tuning_db.storage.prune import PruneFilter, parse_age, prune, summary_lines
+
+    try:
+        statuses = tuple(x.strip() for x in args.status.split(",") if x.strip()) if args.status else None
+        flt = PruneFilter(op=args.op, kernel=args.kernel, statuses=statuses,
+                          older_than=parse_age(args.older_than) if args.older_than else None, noisy=args.noisy)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if flt.empty():
+        raise UsageError("name the rows to delete: --op, --kernel, --status, --older-than and/or --noisy")
+    with _open(args) as store:
+        check_op_filter(args.op, stored_ops(store) if args.op else ())
+        if not args.dry_run and not args.yes:
+            preview = prune(store, flt, dry_run=True)
+            raise UsageError(f"this would delete {len(preview.ids)} row(s) matching {preview.filter}; "
+                             "rerun with --dry-run to list them or --yes to delete them")
+        report = prune(store, flt, dry_run=args.dry_run)
+    if args.json:
+        print_json({"ok": True, "db": store.display_url, **report.as_dict()})
+    else:
+        print("\n".join(summary_lines(report)))
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,8 +19,11 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # usage errors exit 2 with a short message
-        self.print_usage(sys.stderr)
-        sys.stderr.write(f"kernmux: error: {message}\n")
+        from kernmux.cli.common import _JSON_ERRORS, fail
+
+        if not _JSON_ERRORS:
+            self.print_usage(sys.stderr)
+        fail(message, EXIT_USAGE)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -46,20 +50,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; FEATURE=VALUE words after an option (``explain OP --json tokens=8``)
+    join the command's features instead of being "unrecognized"."""
+    args, extra = parser.parse_known_args(argv)
+    features = getattr(args, "features", None)
+    stray = [word for word in extra if word.startswith("-") or "=" not in word or features is None]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.features = list(features) + extra
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    from kernmux.cli.common import UsageError, fail, import_modules, set_json_errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    set_json_errors("--json" in argv)
+    try:
+        parser = build_parser()
+        args = _parse(parser, argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    set_json_errors(bool(getattr(args, "json", False)) or "--json" in argv)
     handler = getattr(args, "handler", None)
     if handler is None:
+        if "--json" in argv:
+            return fail("a command is needed; see `kernmux --help`", EXIT_USAGE)
         parser.print_help()
         return EXIT_USAGE
     try:
+        import_modules(getattr(args, "imports", ()))
         return int(handler(args) or 0)
+    except UsageError as e:
+        return fail(str(e), EXIT_USAGE)
     except KeyboardInterrupt:
         sys.stderr.write("kernmux: interrupted\n")
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except Exception as e:  # a bug or an unforeseen environment: one clear line, traceback on request
+        if os.environ.get("KERNMUX_TRACEBACK"):
+            raise
+        return fail(f"{type(e).__name__}: {e} (unexpected; set KERNMUX_TRACEBACK=1 for the traceback)", EXIT_CHECK_FAILED)
+    finally:
+        set_json_errors(False)
 
 
 if __name__ == "__main__":

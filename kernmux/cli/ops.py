@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from kernmux.cli.common import add_json_flag, print_json, table
+from kernmux.cli.common import add_import_flag, add_json_flag, print_json, table
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("ops", help="list ops, their features and kernels, and availability here")
     add_json_flag(parser)
     parser.add_argument("--all", action="store_true", help="include test-only kernels")
+    add_import_flag(parser)
     parser.set_defaults(handler=run)
 
 

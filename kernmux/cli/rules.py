@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import sys
 
-from kernmux.cli.common import add_json_flag, fail, print_json, printable
+from kernmux.cli.common import (
+    UsageError,
+    add_import_flag,
+    add_json_flag,
+    check_op_filter,
+    fail,
+    needs_subcommand,
+    print_json,
+    printable,
+    stored_ops,
+    tuning_extra_problem,
+)
 
 
 def register(subparsers) -> None:
@@ -15,7 +26,8 @@ def register(subparsers) -> None:
         help="validate rule files (the shipped ones when none are given)",
         description="Report malformed rules (with file:line), rules that can never match and use rules shadowed by an earlier one. Exit 1 on any problem.",
     )
-    lint.add_argument("files", nargs="*", metavar="FILE")
+    lint.add_argument("files", nargs="*", default=[], metavar="FILE")
+    add_import_flag(lint)
     add_json_flag(lint)
     lint.set_defaults(handler=run_lint)
     derive = sub.add_parser(
@@ -25,9 +37,10 @@ def register(subparsers) -> None:
     derive.add_argument("--db", default=None, metavar="URL", help="tuning database URL (default: KERNMUX_DB or the default database)")
     derive.add_argument("--op", default=None, help="only this op")
     derive.add_argument("-o", "--output", default=None, metavar="FILE", help="write the YAML here instead of stdout")
+    add_import_flag(derive)
     add_json_flag(derive)
     derive.set_defaults(handler=run_derive)
-    parser.set_defaults(handler=lambda args: (parser.print_help(), 2)[1])
+    parser.set_defaults(handler=needs_subcommand(parser))
 
 
 def run_lint(args) -> int:
@@ -45,15 +58,19 @@ def run_lint(args) -> int:
 
 
 def run_derive(args) -> int:
-    try:
-        from kernmux.tuning_db.storage.errors import TuningDBError
-        from kernmux.tuning_db.storage.store import TuningStore
-        from kernmux.tuning_db.tuning.derive import derive_rules
-    except ImportError as e:
-        return fail(f"tuning database support is not installed ({e.name}); pip install 'kernmux[tuning]'", 1)
+    problem = tuning_extra_problem()
+    if problem:
+        return fail(problem, 1)
+    from kernmux.tuning_db.storage.errors import TuningDBError
+    from kernmux.tuning_db.storage.store import TuningStore
+    from kernmux.tuning_db.tuning.derive import derive_rules
+
     try:
         with TuningStore(args.db, create=False, read_only=True) as store:
+            check_op_filter(args.op, stored_ops(store) if args.op else ())
             text, count = derive_rules(store, op=args.op)
+    except UsageError as e:
+        return fail(str(e))
     except TuningDBError as e:
         return fail(str(e), 1)
     if args.output:

@@ -6,7 +6,19 @@ import json
 import sys
 from typing import Any
 
-from kernmux.cli.common import UsageError, add_json_flag, fail, format_features, get_op, parse_feature_args, print_json, table
+from kernmux.cli.common import (
+    UsageError,
+    add_json_flag,
+    fail,
+    format_features,
+    get_kernels,
+    get_op,
+    parse_feature_args,
+    print_json,
+    resolve_device,
+    table,
+    tuning_extra_problem,
+)
 
 
 def register(subparsers) -> None:
@@ -19,7 +31,10 @@ def register(subparsers) -> None:
             "Each trial runs in a worker subprocess: fresh inputs, the numerics gate against "
             "the reference, then timing. Every trial, failures included, is a row in the "
             "database; the optuna study lives in the same database, so a re-run resumes it and "
-            "several processes or hosts (one PostgreSQL URL) tune it together."
+            "several processes or hosts (one PostgreSQL URL) tune it together. Features not given "
+            "take the op's defaults. CPU trials are timed on one intra-op thread; a dispersed "
+            "timing (p80/p20 > 1.5) is taken again and, still dispersed, stored flagged and never "
+            "chosen. --remeasure times stored points again."
         ),
     )
     parser.add_argument("op", nargs="?", default=None,
@@ -55,6 +70,10 @@ def register(subparsers) -> None:
                         help="run trials in the tuning process (no crash isolation; debugging)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first in every process (registers extra ops/kernels)")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="time the stored ok points again instead of searching (each a new row; nothing is "
+                             "overwritten): those of the given features, or every one of the op on this platform "
+                             "when no feature is given")
     add_json_flag(parser)
     parser.set_defaults(handler=run)
 
@@ -116,8 +135,9 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def run(args) -> int:
-    import torch
-
+    problem = tuning_extra_problem()
+    if problem:
+        return fail(problem, 1)
     from kernmux.tuning_db.storage.errors import TuningDBError
     from kernmux.tuning_db.tuning.tuner import TuneError, tune
 
@@ -135,14 +155,16 @@ def run(args) -> int:
         for module in args.imports:
             importlib.import_module(module)
         op = get_op(args.op)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(args.device)
         feature_sets = parse_feature_args(op, args.features, device=device)
-        kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip()) if args.kernels else None
+        kernels = get_kernels(op, args.kernels)
         if args.trials < 1 or args.workers < 1 or args.timeout <= 0:
             raise UsageError("--trials and --workers must be >= 1 and --timeout > 0")
         settings = settings_from_args(args, op.name, kernels)
     except (UsageError, ModuleNotFoundError) as e:
         return fail(str(e))
+    if args.remeasure:
+        return _run_remeasure(args, settings, feature_sets if args.features else None)
     try:
         results = tune(settings, feature_sets, progress=_ProgressPrinter())
     except ValueError as e:  # unknown kernel names and the like
@@ -191,6 +213,40 @@ def _gpus(args) -> tuple[str, ...]:
         return parse_gpus(args.gpus, visible_gpus())
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def _run_remeasure(args, settings, feature_sets) -> int:
+    """``--remeasure``: every stored ok point (of ``feature_sets``) timed again."""
+    from kernmux.tuning_db.storage.errors import TuningDBError
+    from kernmux.tuning_db.tuning.remeasure import remeasure
+
+    def progress(event: dict[str, Any]) -> None:
+        if event["event"] == "remeasure_plan":
+            sys.stderr.write(f"remeasuring {event['points']} stored ok point(s)\n")
+        elif event["event"] == "remeasured":
+            was = _fmt(event["previous_p50_us"])
+            now = _fmt(event["p50_us"]) if event["status"] == "ok" else f"{event['status']} {event['error'] or ''}"[:80]
+            noisy = "  (still dispersed: flagged noisy)" if event["noisy"] else ""
+            sys.stderr.write(f"[{event['index']}/{event['total']}] {format_features({k: v for k, v in event['features'].items() if k != 'device'})} "
+                             f"{event['kernel']}: row {event['previous_row']} {was} us -> row {event['row_id']} {now} us{noisy}\n")
+
+    try:
+        results = remeasure(
+            settings.op, url=settings.url, feature_sets=feature_sets, kernels=settings.kernels,
+            timeout_s=settings.timeout_s, warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms,
+            cuda_graph=settings.cuda_graph, seed=settings.seed, isolate=settings.isolate,
+            imports=settings.imports, progress=progress,
+        )
+    except TuningDBError as e:
+        return fail(f"remeasure failed: {e}", 1)
+    if args.json:
+        print_json({"op": settings.op, "db": _shown_url(args.db), "remeasured": [r.as_dict() for r in results]})
+    elif not results:
+        print(f"no stored ok point of {settings.op} on this platform to remeasure (database: {_shown_url(args.db)})")
+    else:
+        print(f"remeasured {len(results)} point(s): {sum(r.status == 'ok' for r in results)} ok, "
+              f"{sum(r.noisy for r in results)} still dispersed; database: {_shown_url(args.db)}")
+    return 0 if results and all(r.status == "ok" for r in results) else 1
 
 
 def _shown_url(url: str | None) -> str:

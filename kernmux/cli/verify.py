@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import sys
 
-from kernmux.cli.common import UsageError, add_json_flag, fail, format_features, get_op, parse_feature_args, print_json
+from kernmux.cli.common import (
+    UsageError,
+    add_import_flag,
+    add_json_flag,
+    fail,
+    format_features,
+    get_kernels,
+    get_op,
+    parse_feature_args,
+    print_json,
+    resolve_device,
+)
 
 
 def register(subparsers) -> None:
@@ -14,8 +25,10 @@ def register(subparsers) -> None:
         description=(
             "For every combination of the given features (feat=v1,v2 is a sweep) and every "
             "kernel available here, draw fresh random inputs, poison the kernel's outputs, run "
-            "it and the reference, and compare with the op's tolerance. Features not given are "
-            "swept over the op's default grid (see `kernmux ops`). Exit 1 if any fails."
+            "it and the reference, and compare with the op's tolerance. Unlike explain, bench "
+            "and tune (which take the op's default for a feature not given), verify sweeps the "
+            "features not given over the op's parity grid where it declares one (SWEEP_DEFAULTS, "
+            "listed by `kernmux ops`), else takes the default. Exit 1 if any fails."
         ),
     )
     parser.add_argument("op", help="op name (see `kernmux ops`)")
@@ -23,6 +36,7 @@ def register(subparsers) -> None:
     parser.add_argument("--kernels", default=None, help="comma-separated kernels (default: all available)")
     parser.add_argument("--seed", type=int, default=None, help="base seed (default: fresh each run)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    add_import_flag(parser)
     parser.add_argument(
         "--nonfinite", action="store_true",
         help="draw inputs with NaN/inf where the op declares them (make_nonfinite_inputs); ops without it are skipped",
@@ -42,13 +56,11 @@ def run(args) -> int:
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
 
-    import torch
-
     from kernmux.dispatch.registry import REGISTRY
     from kernmux.dispatch.verify import verify_kernel
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        device = resolve_device(args.device)
         op = get_op(args.op)
         items = list(args.features)
         # With no features given, sweep the op's declared default grid (e.g. the
@@ -59,12 +71,7 @@ def run(args) -> int:
                 items.append(f"{name}={','.join(str(v) for v in values)}")
         combos = parse_feature_args(op, items, device=device)
         kernels = REGISTRY.kernels_of(op.name)
-        names = [k for k in sorted(kernels) if not kernels[k].test_only]
-        if args.kernels:
-            names = [k.strip() for k in args.kernels.split(",") if k.strip()]
-            unknown = [k for k in names if k not in kernels]
-            if unknown:
-                raise UsageError(f"unknown kernel(s) {unknown} for {op.name}; known: {', '.join(sorted(kernels))}")
+        names = list(get_kernels(op, args.kernels) or [k for k in sorted(kernels) if not kernels[k].test_only])
     except UsageError as e:
         return fail(str(e))
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
@@ -80,11 +87,13 @@ def run(args) -> int:
                 sys.stdout.flush()
     ran = [r for r in results if r.status in ("pass", "fail", "error")]
     failed = [r for r in ran if not r.passed]
+    nothing_ran = "no kernel could run here for these features"
     if args.json:
-        print_json({"op": op.name, "seed": seed, "results": [r.as_dict() for r in results], "failed": len(failed), "ran": len(ran)})
-    else:
-        skipped = len(results) - len(ran)
-        print(f"{len(ran) - len(failed)} passed, {len(failed)} failed, {skipped} skipped (seed {seed})")
+        print_json({"op": op.name, "seed": seed, "results": [r.as_dict() for r in results], "failed": len(failed),
+                    "ran": len(ran), **({"error": nothing_ran, "code": 1} if not ran else {})})
+        return 1 if failed or not ran else 0
+    skipped = len(results) - len(ran)
+    print(f"{len(ran) - len(failed)} passed, {len(failed)} failed, {skipped} skipped (seed {seed})")
     if not ran:
-        return fail("no kernel could run here for these features", 1)
+        return fail(nothing_ran, 1)
     return 1 if failed else 0

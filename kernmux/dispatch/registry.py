@@ -72,9 +72,19 @@ class FeatureSpec:
                 value = str(text)
         except ValueError:
             raise ValueError(f"feature {self.name!r} expects {self.kind}, got {text!r}") from None
+        self.check(value)
+        return value
+
+    def check(self, value: Any) -> None:
+        """Raise ValueError naming the feature when ``value`` is not among ``choices`` or
+        outside ``minimum``/``maximum``."""
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"feature {self.name!r} must be one of {list(self.choices)}, got {value!r}")
-        return value
+        if self.kind == "int" and isinstance(value, int):
+            if self.minimum is not None and value < self.minimum:
+                raise ValueError(f"feature {self.name!r} must be >= {self.minimum}, got {value}")
+            if self.maximum is not None and value > self.maximum:
+                raise ValueError(f"feature {self.name!r} must be <= {self.maximum}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -160,6 +170,9 @@ class Op:
     make_nonfinite_inputs(features, device, seed) -> (args tuple, kwargs dict), optional:
         inputs with NaN / inf planted where the reference defines the result (the op's
         "NaN in, NaN out" cases); every kernel must match the reference on them.
+    check_features(features) -> None, optional: raises ValueError when feature values
+        that pass each :class:`FeatureSpec` cannot form a valid call together (e.g. topk
+        larger than experts); what ``validate`` would reject, said in feature names.
     """
 
     name: str
@@ -202,6 +215,17 @@ class Op:
         cls = self._precision_class(precision)
         return self.compare if cls is None or cls.compare is None else cls.compare
     make_nonfinite_inputs: Callable[[Mapping[str, Any], Any, int], tuple[tuple, dict]] | None = None
+    check_features: Callable[[Mapping[str, Any]], None] | None = None
+
+    def validate_features(self, features: Mapping[str, Any]) -> None:
+        """Raise ValueError when ``features`` (a full feature dict) describe no valid call:
+        a value outside its spec's choices or bounds, or a combination the op's
+        ``check_features`` rejects (the CLI's counterpart of ``validate``)."""
+        for spec in self.feature_specs:
+            if spec.name in features:
+                spec.check(features[spec.name])
+        if self.check_features is not None:
+            self.check_features(features)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -233,7 +257,7 @@ class Op:
         ``fake``, ``bucket`` and ``roofline``; optionally ``DOC`` (default: the
         reference's docstring), ``HEAD_AXES``, ``SWEEP_DEFAULTS``, ``PRECISION`` (the
         reference's class name, default "exact"), ``PRECISION_CLASSES`` (a sequence
-        of :class:`PrecisionClass`) and ``make_nonfinite_inputs``."""
+        of :class:`PrecisionClass`), ``make_nonfinite_inputs`` and ``check_features``."""
         where = getattr(spec, "__name__", repr(spec))
         missing = [name for name in SPEC_REQUIRED if not hasattr(spec, name)]
         if missing:
@@ -256,6 +280,7 @@ class Op:
             precision=getattr(spec, "PRECISION", EXACT),
             precision_classes={cls.name: cls for cls in getattr(spec, "PRECISION_CLASSES", ())},
             make_nonfinite_inputs=getattr(spec, "make_nonfinite_inputs", None),
+            check_features=getattr(spec, "check_features", None),
         )
 
     def default_features(self, device: str = "cpu") -> dict[str, Any]:

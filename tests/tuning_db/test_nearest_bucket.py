@@ -218,7 +218,7 @@ def test_explain_names_the_borrowed_bucket(sqlite_url, monkeypatch, capsys):
     args = ["explain", OP, "tokens=100", "experts=64", "topk=2", "--db", sqlite_url]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert f"source:    tuning_db: borrowed from tokens=64, asked 100 (distance 0.64): tuning row {row}:" in text
+    assert f"source:    tuning_db level: borrowed from tokens=64, asked 100 (distance 0.64): tuning row {row}:" in text
     assert "borrowed:  nearest tuned bucket tokens=64 experts=64 " in text
     assert "(distance 0.64 in log2 units; limit: KERNMUX_NEAREST_MAX)" in text
     assert main(args + ["--json"]) == 0

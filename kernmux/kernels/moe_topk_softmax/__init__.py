@@ -4,8 +4,9 @@
 is_padding=None [T] bool) -> (weights fp32 [T, k + S], ids int32 [T, k + S])``; semantics
 (ties, non-finite rows, padded rows) in ``reference.py``.
 
-Kernels: ``torch`` (the reference), ``torch_compile`` (the reference under Inductor),
-``triton`` (one fused launch), ``aiter`` (ROCm ``aiter.topk_softmax``), ``vllm`` (vLLM's
+Kernels: ``torch`` (the reference), ``torch_topk`` (CPU: softmax and one ``torch.topk``
+over keys that encode the tie rule; the CPU default), ``torch_compile`` (the reference
+under Inductor), ``triton`` (one fused launch), ``aiter`` (ROCm ``aiter.topk_softmax``), ``vllm`` (vLLM's
 compiled ``_moe_C::topk_softmax``). Registration imports none of triton, aiter or vllm.
 
 Default priorities put the adapters that have never run on this project's machines
@@ -78,6 +79,12 @@ def _triton_supports(features: Mapping[str, Any], platform: Platform) -> Support
     return SUPPORTED
 
 
+def _torch_topk_supports(features: Mapping[str, Any], platform: Platform) -> Support:
+    if features["device"] != "cpu":
+        return unsupported(f"CPU tensors only (not measured on GPUs, where triton is the default), got {features['device']}")
+    return SUPPORTED
+
+
 def _aiter_supports(features: Mapping[str, Any], platform: Platform) -> Support:
     if features["device"] != "cuda":
         return unsupported(f"aiter runs on GPU tensors (torch device 'cuda' on ROCm), got {features['device']}")
@@ -125,6 +132,19 @@ register_kernel(
     impl=reference,
     priority=0,
     doc="The reference: the unfused PyTorch chain (softmax, stable sort, renormalise, sigmoid, cat).",
+)
+
+register_kernel(
+    op=OP_NAME,
+    name="torch_topk",
+    impl=f"{_PKG}.cpu:moe_topk_softmax",
+    supports=_torch_topk_supports,
+    # Above every other kernel that runs on CPU tensors (torch 0, torch_compile -5, and
+    # vllm 10 where its build has a CPU kernel): the reference's full stable sort is the
+    # slow part of routing on CPU (benchmarks/results/moe_topk_softmax_cpu.md).
+    priority=15,
+    doc="CPU: fp32 softmax, then one torch.topk over int64 keys (probability bits, then "
+    "reversed index) whose order is the reference's tie rule; no sort.",
 )
 
 register_kernel(

@@ -28,9 +28,9 @@ DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 FEATURE_SPECS = (
-    FeatureSpec("tokens", "int", "T, rows of gating_logits", 7),
-    FeatureSpec("experts", "int", "E, routed experts (columns minus num_shared)", 160),
-    FeatureSpec("topk", "int", "k, routed experts picked per token", 6),
+    FeatureSpec("tokens", "int", "T, rows of gating_logits", 7, minimum=0),
+    FeatureSpec("experts", "int", "E, routed experts (columns minus num_shared)", 160, minimum=1),
+    FeatureSpec("topk", "int", "k, routed experts picked per token", 6, minimum=1),
     FeatureSpec("shared", "int", "S, shared-expert gate columns appended as slots", 0,
                 choices=tuple(range(MAX_SHARED + 1))),
     FeatureSpec("dtype", "str", "dtype of gating_logits", "bf16", choices=tuple(DTYPES)),
@@ -70,6 +70,12 @@ def features(
         "padding": is_padding is not None,
         "device": getattr(device, "type", str(device)),
     }
+
+
+def check_features(features: Mapping[str, Any]) -> None:
+    """What :func:`validate` rejects beyond each feature's own bounds: topk > experts."""
+    if features["topk"] > features["experts"]:
+        raise ValueError(f"topk: expected 1 <= topk <= experts = {features['experts']}, got {features['topk']}")
 
 
 def _check_int(name: str, value: Any) -> None:

@@ -76,12 +76,14 @@ def bench(
     ceilings: Ceilings | None = None,
     find_ceilings: bool = True,
     db_url: str | None = None,
+    imports: Sequence[str] = (),
 ) -> tuple[list[BenchRow], Ceilings | None]:
     """Time every kernel on every feature set; returns rows and the ceilings used.
 
     ceilings: the roofline denominators to use; when None and ``find_ceilings``, the
     device's are looked up or measured (:func:`device_ceilings`, cached in the tuning
-    database at ``db_url``) if any feature set runs on CUDA."""
+    database at ``db_url``) if any feature set runs on CUDA. imports: modules the
+    isolated worker imports first (ones registering the kernels named)."""
     from kernmux.tuning_db.measurement.trial import TrialSpec
     from kernmux.tuning_db.measurement.worker import InProcessRunner, TrialWorker
 
@@ -91,7 +93,7 @@ def bench(
     if ceilings is None and find_ceilings and on_gpu:
         ceilings, _ = device_ceilings(platform, db_url=db_url)
     rows = []
-    runner = TrialWorker() if isolate else InProcessRunner()
+    runner = TrialWorker(imports=imports) if isolate else InProcessRunner()
     with runner:
         for index, features in enumerate(feature_sets):
             features = dict(features)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kernmux.dispatch.platform import Platform
+from kernmux.tuning_db.storage.dispersion import DISPERSION_BOUND, is_dispersed
 from kernmux.tuning_db.storage.records import FAILURE_STATUSES, IGNORED_LIBS, as_utc, config_key
 
 
@@ -51,14 +52,16 @@ def choose_best(
     """The fastest usable ``ok`` row among ``rows`` (all of one op and bucket), and notes.
 
     Usable: same fingerprint as ``platform``; every recorded library version equal to
-    the platform's; kernel in ``allowed`` (None = any); and its (kernel, config) never
-    failed (numerics_failed, crashed, timeout, error) in a usable-platform trial of
+    the platform's; kernel in ``allowed`` (None = any); its timing not dispersed
+    (:func:`~kernmux.tuning_db.storage.dispersion.is_dispersed`); and its (kernel, config)
+    never failed (numerics_failed, crashed, timeout, error) in a usable-platform trial of
     this bucket. Ties go to the lower row id."""
     fingerprint = platform.fingerprint()
     other_fp = 0
     lib_notes: Counter[tuple[str, str, str | None]] = Counter()
     failed: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     not_allowed: Counter[str] = Counter()
+    dispersed: Counter[str] = Counter()
     candidates: list[RowLike] = []
     for row in rows:
         if row.fingerprint != fingerprint:
@@ -77,6 +80,9 @@ def choose_best(
         if allowed is not None and row.kernel not in allowed:
             not_allowed[row.kernel] += 1
             continue
+        if is_dispersed(row):
+            dispersed[row.kernel] += 1
+            continue
         candidates.append(row)
     notes: list[str] = []
     if other_fp:
@@ -86,6 +92,10 @@ def choose_best(
     if not_allowed:
         listed = ", ".join(f"{k} ({n})" for k, n in sorted(not_allowed.items()))
         notes.append(f"{_rows(sum(not_allowed.values()))} for kernels not allowed here: {listed}")
+    if dispersed:
+        listed = ", ".join(f"{k} ({n})" for k, n in sorted(dispersed.items()))
+        notes.append(f"{_rows(sum(dispersed.values()))} ignored, timing dispersed (p80/p20 > {DISPERSION_BOUND:g}): "
+                     f"{listed}; `kernmux tune --remeasure` times them again")
     usable = []
     excluded: Counter[str] = Counter()
     excluded_why: dict[str, Counter[str]] = defaultdict(Counter)

@@ -4,7 +4,9 @@ Contract (shared by the tuner, the resolver hook, export/import and the CLI):
 
 * :class:`~kernmux.tuning_db.storage.records.TrialRecord` is one measured or failed
   trial. :meth:`TuningStore.record` validates it, stamps ``created_at`` (UTC) and
-  ``host`` when missing, and inserts it. Nothing is ever updated or deleted.
+  ``host`` when missing, and inserts it. Nothing is ever updated; rows are deleted in
+  one place only, :meth:`TuningStore.delete_rows`, on a user's explicit request
+  (``kernmux db prune``, :mod:`kernmux.tuning_db.storage.prune`).
 * Every storage failure raises :class:`TuningDBError` ``from`` the driver error;
   a database whose schema is older or newer than this code raises
   :class:`SchemaMismatchError` naming both revisions and the command to run.
@@ -336,6 +338,24 @@ class TuningStore:
                 return [present[h] for h in hashes]
 
         return self._retry(write)
+
+    def delete_rows(self, ids: Sequence[int]) -> int:
+        """Delete the rows with these ids in one transaction; how many were deleted.
+
+        The only deletion in kernmux: called by ``kernmux db prune`` (see
+        :mod:`kernmux.tuning_db.storage.prune`), never by tuning or dispatch."""
+        wanted = sorted(set(int(i) for i in ids))
+
+        def delete() -> int:
+            deleted = 0
+            with self.session_scope(write=True) as session:
+                for start in range(0, len(wanted), 500):  # bounded IN lists
+                    chunk = wanted[start:start + 500]
+                    result = session.execute(sa.delete(Trial).where(Trial.id.in_(chunk)))
+                    deleted += int(result.rowcount or 0)
+            return deleted
+
+        return self._retry(delete) if wanted else 0
 
     # -- reading ---------------------------------------------------------------------
 
