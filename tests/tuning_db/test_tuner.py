@@ -159,3 +159,19 @@ def test_each_tuning_process_gets_one_gpu(monkeypatch, visible, workers, expecte
     assert [env["CUDA_VISIBLE_DEVICES"] for env in _agent_envs(settings, plans)] == expected
     cpu_plans = make_plans(settings, [{"n": 8, "device": "cpu"}], current_platform())
     assert _agent_envs(settings, cpu_plans) == [{}] * workers, "CPU tuning leaves the GPUs alone"
+
+
+def test_each_kernels_default_config_is_measured_first():
+    """A small budget never ends on sampled configs only: the baseline, then every
+    kernel's default config (where it is a point of the space) come first."""
+    from kernmux.dispatch.platform import current_platform
+    from kernmux.dispatch.registry import REGISTRY
+    from kernmux.tuning_db.tuning.tuner import first_points
+
+    settings = _settings("sqlite://", kernels=("torch", "good"))
+    (plan,) = make_plans(settings, [{"n": 64, "device": "cpu"}], current_platform())
+    first = first_points(settings, plan.space)
+    assert first[0].kernel == "torch"
+    good = REGISTRY.kernels_of(OP)["good"]
+    if good.config_space:
+        assert [p.config_dict for p in first if p.kernel == "good"] == [good.full_config(None)]

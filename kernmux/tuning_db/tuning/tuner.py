@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kernmux.dispatch.platform import Platform, current_platform
+from kernmux.dispatch.registry import REGISTRY
 from kernmux.tuning_db.storage.paths import default_url, normalize_url, persistence_problem
 from kernmux.tuning_db.storage.retry import reconnect_window_s
 from kernmux.tuning_db.tuning.search import (
@@ -236,16 +237,29 @@ def run_agent(
                     })
                 return Evaluation(record.status, record.p50_us, record.error or "")
 
-            first = []
-            if settings.baseline and settings.baseline in plan.space.kernels:
-                first = [p for p in plan.space.points if p.kernel == settings.baseline][:1]
             stats = run_search(
                 study, plan.space, evaluate, budget=settings.trials, grid=settings.sampler == "grid",
-                seed=settings.seed + 104729 * index, first=first, recovery=recovery,
+                seed=settings.seed + 104729 * index, first=first_points(settings, plan.space), recovery=recovery,
             )
             if progress is not None:
                 progress({"event": "study_done", "agent": index, "study": plan.study, "stats": asdict(stats)})
     store.close()
+
+
+def first_points(settings: TuneSettings, space: Any) -> list[Any]:
+    """Points measured before any sampled one: the baseline kernel, then each kernel's
+    default config where it is a point of the space. A small budget then never ends on a
+    sampled config slower than what the kernel does untuned, which is what the dispatcher
+    would run without the tuning database."""
+    first = []
+    if settings.baseline and settings.baseline in space.kernels:
+        first += [p for p in space.points if p.kernel == settings.baseline][:1]
+    for name in space.kernels:
+        if name == settings.baseline:
+            continue
+        default = REGISTRY.kernels_of(settings.op)[name].full_config(None)
+        first += [p for p in space.points if p.kernel == name and p.config_dict == default][:1]
+    return first
 
 
 def _agent_main(settings: TuneSettings, plans: list[Plan], index: int, env: dict[str, str], events: Any) -> None:
