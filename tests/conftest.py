@@ -52,3 +52,13 @@ def _isolate_env(monkeypatch, tmp_path_factory):
 from tests.dispatch import toy_ops  # noqa: E402
 
 toy_ops.register()
+
+
+def subprocess_pythonpath(*first: object) -> str:
+    """PYTHONPATH for a child process: ``first`` entries, this checkout, then whatever the
+    environment already had (a machine may carry packages outside site-packages)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != root]
+    return os.pathsep.join([*(str(p) for p in first), str(root), *kept])

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from decision_quality_report import geomean_ratio, quantile, summarize  # noqa: E402
 from decision_quality_shapes import PLANS, draw_held_out, plan_for  # noqa: E402
+from tests.conftest import subprocess_pythonpath
 
 
 @pytest.mark.parametrize("op", sorted(PLANS))
@@ -76,7 +77,7 @@ def test_quantile_and_geomean_edges():
 
 def test_smoke_run_reports_every_shape(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KERNMUX_")}
-    env.update(PYTHONPATH=str(ROOT), KERNMUX_DB=f"sqlite:///{tmp_path}/absent.sqlite", TRITON_INTERPRET="1")
+    env.update(PYTHONPATH=subprocess_pythonpath(), KERNMUX_DB=f"sqlite:///{tmp_path}/absent.sqlite", TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, "benchmarks/decision_quality.py", "--smoke", "--seed", "3", "--confirm", "1",
          "--out", str(tmp_path / "out")],

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.conftest import subprocess_pythonpath
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "op_fixture"
@@ -21,7 +22,7 @@ OP = "fixture_scaled_add"
 
 def _run(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KERNMUX_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(FIXTURE), str(ROOT)])
+    env["PYTHONPATH"] = subprocess_pythonpath(FIXTURE)
     env["KERNMUX_DB"] = f"sqlite:///{tmp_path}/tuning.sqlite"
     env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "")
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 import yaml
+from tests.conftest import subprocess_pythonpath
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = re.compile(r"<!-- example: (?P<path>\S+) -->\n```\w*\n(?P<body>.*?)\n```", re.S)
@@ -67,7 +68,7 @@ def _drive(tmp_path: Path, paths: list[Path], commands: list[list[str]], **env: 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("KERNMUX_")}
     environ.update(env)
     environ["KERNMUX_DB"] = f"sqlite:///{tmp_path}/t.sqlite"
-    environ["PYTHONPATH"] = os.pathsep.join([*(str(p) for p in paths), str(ROOT)])
+    environ["PYTHONPATH"] = subprocess_pythonpath(*paths)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environ,
                           cwd=tmp_path, timeout=600)
     assert proc.returncode == 0 and "RESULTS" in proc.stdout, proc.stderr[-3000:]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kernmux import stats
+from tests.conftest import subprocess_pythonpath
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +60,7 @@ def test_each_process_dumps_at_exit(tmp_path):
         "stats.record_call('moe_topk_softmax')\n"
         "stats.record_call('moe_topk_softmax')\n"
     )
-    env = {**os.environ, stats.STATS_ENV: f"{tmp_path}/", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, stats.STATS_ENV: f"{tmp_path}/", "PYTHONPATH": subprocess_pythonpath()}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     (path,) = tmp_path.glob("kernmux-stats-*.json")

@@ -9,6 +9,9 @@ import subprocess
 import sys
 
 import pytest
+
+from kernmux.dispatch.platform import current_platform
+from tests.conftest import HAS_CUDA
 import torch
 
 from kernmux.cli.main import main
@@ -211,7 +214,8 @@ def test_arch_alone_implies_the_vendor_and_says_so(capsys, platform, vendor):
     code, out, _ = run(capsys, "explain", OP, *argv, "--json")
     data = json.loads(out)
     assert code == 0 and data["platform"]["vendor"] == vendor
-    assert f"implies vendor={vendor}" in " ".join(data["notes"])
+    if current_platform().vendor != vendor:  # on a host of that vendor nothing was implied
+        assert f"implies vendor={vendor}" in " ".join(data["notes"])
 
 
 def test_arch_and_vendor_that_disagree_or_an_unknown_arch(capsys):
@@ -252,7 +256,8 @@ def test_unknown_kernel_names_suggest(capsys):
         (["db", "show", "--db", "{tmp}/missing.sqlite"], 1),
         (["db", "prune", "--status", "okay", "--db", "{tmp}/missing.sqlite"], 2),
         (["explain", OP, "--bogus-flag"], 2),
-        (["ceilings", "--db", "{tmp}/x.sqlite"], 1),
+        pytest.param(["ceilings", "--db", "{tmp}/x.sqlite"], 1,
+                     marks=pytest.mark.skipif(HAS_CUDA, reason="with a GPU there is a ceiling to measure")),
         (["db"], 2),
         ([], 2),
     ],

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import subprocess_pythonpath
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "wrong_kernel_fixture"
 
@@ -30,7 +32,7 @@ print(json.dumps({"equal": bool(torch.equal(ids, rids) and torch.allclose(w, rw)
 def _env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KERNMUX_")}
     env.update(
-        PYTHONPATH=os.pathsep.join([str(FIXTURE), str(ROOT)]),
+        PYTHONPATH=subprocess_pythonpath(FIXTURE),
         KERNMUX_DB=f"sqlite:///{tmp_path}/tuning.sqlite",
         KMX_WRONG_KERNEL_LOG=str(tmp_path / "calls.log"),
         TRITON_INTERPRET="0",  # CPU: torch is the in-tree kernel; the wrong one outranks it

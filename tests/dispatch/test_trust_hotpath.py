@@ -17,6 +17,7 @@ from kernmux.dispatch.hotpath import Dispatcher, make_entry_function
 from kernmux.dispatch.registry import REGISTRY
 from tests.dispatch import toy_ops
 from tests.dispatch.test_hotpath import PREFER_FLAKY, inputs
+from tests.conftest import subprocess_pythonpath
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -128,7 +129,7 @@ _THREADS = textwrap.dedent(
 def test_concurrent_first_calls_all_succeed(tmp_path):
     """8 threads x 20 first calls at once, in 10 fresh processes: 0 failures."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KERNMUX_")}
-    env.update(PYTHONPATH=str(ROOT), TRITON_INTERPRET="0", KERNMUX_DB=f"sqlite:///{tmp_path}/absent.sqlite")
+    env.update(PYTHONPATH=subprocess_pythonpath(), TRITON_INTERPRET="0", KERNMUX_DB=f"sqlite:///{tmp_path}/absent.sqlite")
     for run in range(10):
         proc = subprocess.run([sys.executable, "-c", _THREADS], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]

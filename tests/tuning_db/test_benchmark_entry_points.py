@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from tests.conftest import subprocess_pythonpath
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
@@ -59,7 +60,7 @@ def test_benchmark_modules_import():
         "    runpy.run_path(path, run_name='benchmark_import_check')\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": subprocess_pythonpath()}
     if "TRITON_INTERPRET" not in env and not _has_cuda():
         env["TRITON_INTERPRET"] = "1"
     done = subprocess.run([sys.executable, "-c", code, *map(str, SCRIPTS)], cwd=ROOT, env=env,

@@ -18,6 +18,7 @@ from kernmux.cli.main import main
 from kernmux.tuning_db.storage.records import stored_values
 from kernmux.tuning_db.storage.store import TuningStore
 from kernmux.tuning_db.tuning.export import export_doc, import_rows, insert_isolated, record_from_dict
+from tests.conftest import subprocess_pythonpath
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -138,7 +139,7 @@ def test_cli_import_on_a_full_disk_exits_1_and_says_what_was_committed(make_tria
     target = tmp_path / "target.sqlite"
     with TuningStore(f"sqlite:///{target}"):
         pass  # the schema exists; the import is what fills the disk
-    env = {**os.environ, "PYTHONPATH": REPO, "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "PYTHONPATH": subprocess_pythonpath(), "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "kernmux", "db", "import", str(path), "--db", str(target), "--json"],
         capture_output=True, text=True, env=env, timeout=120, preexec_fn=_limit_file_size(1_200_000),

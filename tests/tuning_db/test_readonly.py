@@ -40,6 +40,7 @@ from kernmux.tuning_db.storage.errors import TuningDBError
 from kernmux.tuning_db.storage.records import TrialRecord
 from kernmux.tuning_db.storage.store import TuningStore
 from kernmux.tuning_db.tuning.export import write_export
+from tests.conftest import subprocess_pythonpath
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 OP = "toy_attention"
@@ -163,7 +164,7 @@ def test_read_only_directory_and_file(monkeypatch):
                 "show_json": _cli("db", "show", "--db", url, "--json"),
                 "export": _cli("db", "export", "--db", url),
                 "report": _cli("db", "report", "--db", url, "-o", os.devnull),
-                "explain": _cli("explain", OP, "--db", url, "--json"),
+                "explain": _cli("explain", OP, "device=cpu", "--db", url, "--json"),
                 "derive": _cli("rules", "derive", "--db", url),
                 "import": _cli("db", "import", str(export_file), "--db", url),
                 "upgrade": _cli("db", "upgrade", "--db", url),
@@ -221,7 +222,7 @@ def test_read_only_url(option, tmp_path):
     _fill(f"sqlite:///{db}")
     before = _snapshot(tmp_path)
     url = f"sqlite:///{db}?{option}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "PYTHONPATH": subprocess_pythonpath(), "PYTHONDONTWRITEBYTECODE": "1"}
 
     def cli(*argv: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "kernmux", *argv], capture_output=True, text=True,

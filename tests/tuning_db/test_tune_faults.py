@@ -28,6 +28,7 @@ import uuid
 import pytest
 
 from tests.tuning_db import fault_kernels
+from tests.conftest import subprocess_pythonpath
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 OP = fault_kernels.OP
@@ -44,7 +45,7 @@ def _tune_args(url: str, *extra: str) -> list[str]:
 
 
 def _env(mark: str = "", **extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1",
+    return {**os.environ, "PYTHONPATH": subprocess_pythonpath(), "PYTHONDONTWRITEBYTECODE": "1",
             "KERNMUX_TEST_SLEEPY_S": "0.05", MARK: mark, **extra}
 
 
