@@ -33,8 +33,11 @@ def test_engine_stats_tune_exactly_the_problems_it_ran(tmp_path: Path) -> None:
     dumps = _dumps(stats_dir)
     ran = {(p["op"], json.dumps(p["features"], sort_keys=True)): p["calls"] for d in dumps for p in d.get("problems", [])}
     assert ran, f"no problems in the engine's dumps: {dumps}"
-    engine_calls = sum(d["calls"].get("moe_topk_softmax", 0) for d in dumps if d["pid"] != run["pid"])
-    assert sum(ran.values()) == engine_calls  # every call of every problem counted
+    # The engine routes (moe_topk_softmax) and runs experts (moe_experts) through kernmux:
+    # every call of every op's problems is counted, none twice.
+    engine_calls = sum(sum(d["calls"].values()) for d in dumps if d["pid"] != run["pid"])
+    assert sum(ran.values()) == engine_calls
+    assert {op for op, _ in ran} == {"moe_topk_softmax", "moe_experts"}
 
     url = f"sqlite:///{tmp_path / 'loop.sqlite'}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
