@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from kernmux.dispatch.platform import Platform
@@ -142,4 +142,27 @@ def borrow_nearest(
 
     pick, more = nearest(op.name, features, bucket, platform, allowed, numeric=numeric_features(op),
                          config_ok=config_ok, max_distance=max_distance)
-    return pick, notes + list(more)
+    notes += list(more)
+    if pick is not None and pick.kernel in kernels:
+        pick, note = _heuristic_at_this_shape(pick, kernels[pick.kernel], features)
+        notes += [note] if note else []
+    return pick, notes
+
+
+def _heuristic_at_this_shape(pick: TuningPick, kernel: Kernel, features: Mapping[str, Any]) -> tuple[TuningPick, str]:
+    """A borrowed winner that is the kernel's shape heuristic at the neighbour's bucket
+    (``Kernel.default_for``) is that heuristic again at the asked shape: what won there
+    was "let the launcher choose", not one fixed tile (on the H200 a fixed tile borrowed
+    across 2-4x in tokens ran 18-62% slower than the heuristic)."""
+    if kernel.default_for is None or pick.borrowed_from is None:
+        return pick, ""
+    try:
+        at_neighbour = kernel.resolved_default({**features, **pick.borrowed_from})
+        here = kernel.resolved_default(features)
+    except Exception as e:  # a heuristic that cannot read these features keeps the borrowed config
+        return pick, f"shape heuristic of {kernel.name} not evaluated: {type(e).__name__}: {e}"
+    if dict(pick.config) != at_neighbour or here == at_neighbour or config_problem(kernel, here, features):
+        return pick, ""
+    note = (f"borrowed winner {kernel.name} {dict(pick.config)} is its shape heuristic at the neighbour; "
+            f"the heuristic at this shape: {here}")
+    return replace(pick, config=here), note

@@ -204,6 +204,26 @@ def test_borrowed_config_is_the_decision_config(db):
     assert d.kernel == "triton" and dict(d.config) == TRITON and d.borrowed_from is not None
 
 
+def test_a_borrowed_shape_heuristic_is_resolved_again_at_the_asked_shape(db):
+    # Triton's default is its shape heuristic: at 1024 tokens x 64 experts it picks the
+    # bitonic network, at 2048 the two-pass pick. When the neighbour's winner is exactly
+    # its heuristic there, the asked shape runs the heuristic's own choice.
+    triton = REGISTRY.kernels_of(OP)["triton"]
+    at_1024 = triton.resolved_default(feats(tokens=1024))
+    at_2048 = triton.resolved_default(feats(tokens=2048))
+    assert at_1024 != at_2048 and at_1024["select"] == "bitonic" and at_2048["select"] == "twopass"
+    row = record(db, "triton", at_1024, p50=1.0, tokens=1024)
+    d = decide(db, tokens=2048)
+    assert (d.kernel, d.row_id, dict(d.config)) == ("triton", row, at_2048)
+    assert d.borrowed_from["tokens"] == 1024
+    assert any("is its shape heuristic at the neighbour" in n for n in d.notes), d.notes
+    # A winner that is not the heuristic is borrowed as it is.
+    other = {**at_1024, "num_warps": 2}
+    other_row = record(db, "triton", other, p50=0.5, tokens=1024, experts=32)
+    d = decide(db, tokens=2048, experts=32)
+    assert (d.row_id, dict(d.config)) == (other_row, other)
+
+
 # --------------------------------------------------------------------------- explain
 
 

@@ -98,6 +98,7 @@ def test_prune_deletes_what_the_filter_names_and_studies_left_empty(capsys, tune
     assert code == 0 and len(_rows(tuned)) == 4, err
 
 
+@pytest.mark.dispersion_gate  # synthetic rows judged by the shipped bound
 def test_prune_by_age_and_noisy(make_trial, sqlite_url):
     now = dt.datetime(2030, 1, 10, tzinfo=dt.timezone.utc)
     with TuningStore(sqlite_url) as store:

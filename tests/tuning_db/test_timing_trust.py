@@ -12,6 +12,10 @@ from kernmux.tuning_db.measurement.trial import CPU_TIMING_THREADS, TIMING_ATTEM
 from kernmux.tuning_db.storage.dispersion import DISPERSION_BOUND, dispersion, is_dispersed
 from kernmux.tuning_db.storage.selection import choose_best
 
+
+pytestmark = pytest.mark.dispersion_gate  # the shipped bound, not the suite's
+
+
 TIGHT = Timing(10.0, 9.8, 10.4, 100, "cpu-clock")
 WIDE = Timing(20.0, 9.0, 400.0, 100, "cpu-clock")
 WIDER = Timing(20.0, 9.0, 900.0, 100, "cpu-clock")
@@ -116,3 +120,17 @@ def test_current_platform_trials_record_threads_through_the_worker(tmp_path):
         record = worker.run(spec, timeout_s=240)
     assert record.status == "ok", record.error
     assert record.metrics["threads"] == 1 and record.fingerprint == current_platform().fingerprint()
+
+
+@pytest.mark.parametrize("text, bound", [("", 1.5), ("3", 3.0), ("1", 1.0), ("0.5", 1.5), ("nan", 1.5),
+                                         ("wide", 1.5), ("inf", float("inf"))])
+def test_the_bound_can_be_set_knowingly(monkeypatch, text, bound):
+    from kernmux.tuning_db.storage.dispersion import DISPERSION_ENV, dispersion_bound
+
+    monkeypatch.setenv(DISPERSION_ENV, text)
+    assert dispersion_bound() == bound
+
+    class Row:
+        p20_us, p80_us, metrics = 10.0, 20.0, {}
+
+    assert is_dispersed(Row()) == (2.0 > bound)

@@ -30,6 +30,7 @@ from kernmux.kernels.moe_experts import spec
 from kernmux.kernels.moe_experts.reference import moe_experts as reference
 from kernmux.kernels.moe_experts.triton_config import CONFIG_SPACE as TRITON_CONFIG_SPACE
 from kernmux.kernels.moe_experts.triton_config import config_valid as triton_config_valid
+from kernmux.kernels.moe_experts.triton_config import default_for as triton_default_for
 
 OP_NAME = spec.OP_NAME
 _PKG = "kernmux.kernels.moe_experts"
@@ -153,6 +154,7 @@ _TRITON = dict(
     requires={"triton": ">=3.0"},
     config_space=TRITON_CONFIG_SPACE,
     default_config={},  # empty: the launcher's shape heuristic (triton_config.heuristic_config)
+    default_for=triton_default_for,
     config_valid=triton_config_valid,
 )
 

@@ -9,6 +9,9 @@ Signature (``reference.py``)::
 ``num_shared`` (S) is what makes E and k recoverable from the shapes (w13 holds E + S
 experts, ids k + S columns); strategies that run the shared experts apart from the
 routed ones need it. Its default 0 means "every slot is routed".
+
+Length (~410 lines): the spec contract has ten functions (``registry.SPEC_REQUIRED``);
+each is short, kept in one file like every other op's spec.
 """
 
 from __future__ import annotations

@@ -96,3 +96,15 @@ def heuristic_config(features: Mapping[str, Any], units: int = 132) -> dict[str,
     config["BLOCK_N"] = min(config["BLOCK_N"], max(16, next_power_of_two(max(hidden, inter))))
     config["BLOCK_K"] = min(config["BLOCK_K"], max(32, next_power_of_two(max(hidden, inter))))
     return config
+
+
+def default_for(features: Mapping[str, Any]) -> dict[str, Any]:
+    """The config an empty default resolves to for ``features`` on the GPU at hand (the
+    tuner measures it first); the SM count as the launcher reads it (132 off a GPU)."""
+    units = 132
+    if features.get("device") == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            units = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return heuristic_config(features, units)

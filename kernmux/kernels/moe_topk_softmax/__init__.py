@@ -45,6 +45,7 @@ from kernmux.kernels.moe_topk_softmax.triton_config import (
     MAX_TOPK as TRITON_MAX_TOPK,
 )
 from kernmux.kernels.moe_topk_softmax.triton_config import config_valid as triton_config_valid
+from kernmux.kernels.moe_topk_softmax.triton_config import default_for as triton_default_for
 
 OP_NAME = spec.OP_NAME
 _PKG = "kernmux.kernels.moe_topk_softmax"
@@ -167,6 +168,7 @@ register_kernel(
     supports=_triton_supports,
     config_space=TRITON_CONFIG_SPACE,
     default_config={},  # empty: the launcher's shape heuristic (triton_config.heuristic_config)
+    default_for=triton_default_for,
     config_valid=triton_config_valid,
     priority=20,
     doc="One fused Triton launch: tile of rows in registers, top-k by reductions or a "

@@ -79,3 +79,8 @@ def heuristic_tokens_class(tokens: int) -> int:
     :func:`heuristic_config` when a threshold changes.
     """
     return min((max(tokens, 1) - 1).bit_length(), 11)
+
+
+def default_for(features: Mapping[str, Any]) -> dict[str, Any]:
+    """The config an empty default resolves to for ``features`` (the tuner measures it first)."""
+    return heuristic_config(max(1, int(features["tokens"])), int(features["experts"]))

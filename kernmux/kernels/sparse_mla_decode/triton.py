@@ -17,6 +17,9 @@ the splits by LSE, applies the sink and writes o and lse.
 Config ``LAYOUT`` (config.py) picks the body: the four-tile body here, with S split by
 slots between two warpgroups for 64-head programs (SPLIT_S), or the one-tile body of
 ``triton_wide.py`` (WIDE); the launcher below serves both.
+
+Length (~420 lines): one ``@triton.jit`` body and its launcher; splitting a jit kernel
+across files costs readability more than it saves (shared helpers are in triton_common.py).
 """
 
 from __future__ import annotations

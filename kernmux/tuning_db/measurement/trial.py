@@ -7,7 +7,7 @@ with poisoned outputs (an element it forgets to write is NaN / int-min), ``op.co
 Only a kernel that passes is timed, on the very call that was checked, with the one
 timing routine (:func:`kernmux.tuning_db.measurement.timing.measure`): on CPU with one
 intra-op thread (:data:`CPU_TIMING_THREADS`), and a timing whose p80/p20 exceeds
-:data:`~kernmux.tuning_db.storage.dispersion.DISPERSION_BOUND` is taken again, up to
+:func:`~kernmux.tuning_db.storage.dispersion.dispersion_bound` is taken again, up to
 :data:`TIMING_ATTEMPTS` times; the least dispersed one is recorded, flagged
 ``metrics["noisy"]`` when even that one is dispersed (kept, never chosen as best).
 The row's metrics say how it was timed: ``threads`` (CPU), ``dispersion`` (p80/p20),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kernmux.dispatch.platform import Platform
-from kernmux.tuning_db.storage.dispersion import DISPERSION_BOUND, is_dispersed
+from kernmux.tuning_db.storage.dispersion import dispersion_bound, is_dispersed
 from kernmux.tuning_db.storage.records import FAILURE_STATUSES, IGNORED_LIBS, as_utc, config_key
 
 
@@ -94,7 +94,7 @@ def choose_best(
         notes.append(f"{_rows(sum(not_allowed.values()))} for kernels not allowed here: {listed}")
     if dispersed:
         listed = ", ".join(f"{k} ({n})" for k, n in sorted(dispersed.items()))
-        notes.append(f"{_rows(sum(dispersed.values()))} ignored, timing dispersed (p80/p20 > {DISPERSION_BOUND:g}): "
+        notes.append(f"{_rows(sum(dispersed.values()))} ignored, timing dispersed (p80/p20 > {dispersion_bound():g}): "
                      f"{listed}; `kernmux tune --remeasure` times them again")
     usable = []
     excluded: Counter[str] = Counter()

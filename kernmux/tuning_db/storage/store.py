@@ -27,6 +27,9 @@ Contract (shared by the tuner, the resolver hook, export/import and the CLI):
 
 Backends: SQLite (default; WAL, busy timeout, ``BEGIN IMMEDIATE`` for writes and
 retries on "database is locked", :mod:`.engine`) and PostgreSQL (``postgresql+psycopg://``).
+
+Length (~450 lines): one class, the store; record validation, selection and engine set-up
+live in their own modules (records, selection, engine), what remains is its query methods.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ tuning process starts; a SQLite file with damaged pages is refused before anythi
 written into it; a trial's row is stored before optuna is told, and trials of tuning
 processes that died are settled from the store (:mod:`~kernmux.tuning_db.tuning.recovery`);
 a database that restarts is waited for (:mod:`~kernmux.tuning_db.tuning.study_storage`).
+
+Length (~410 lines): plans, settings, the per-process loop and the process pool of one
+command; search, recovery, study storage and GPU assignment are their own modules.
 """
 
 from __future__ import annotations
@@ -239,25 +242,27 @@ def run_agent(
 
             stats = run_search(
                 study, plan.space, evaluate, budget=settings.trials, grid=settings.sampler == "grid",
-                seed=settings.seed + 104729 * index, first=first_points(settings, plan.space), recovery=recovery,
+                seed=settings.seed + 104729 * index, first=first_points(settings, plan.space, plan.features), recovery=recovery,
             )
             if progress is not None:
                 progress({"event": "study_done", "agent": index, "study": plan.study, "stats": asdict(stats)})
     store.close()
 
 
-def first_points(settings: TuneSettings, space: Any) -> list[Any]:
+def first_points(settings: TuneSettings, space: Any, features: Mapping[str, Any] | None = None) -> list[Any]:
     """Points measured before any sampled one: the baseline kernel, then each kernel's
-    default config where it is a point of the space. A small budget then never ends on a
-    sampled config slower than what the kernel does untuned, which is what the dispatcher
-    would run without the tuning database."""
+    default config where it is a point of the space (a shape-heuristic default resolved
+    for ``features`` first, see ``Kernel.default_for``). A small budget then never ends
+    on a sampled config slower than what the kernel does untuned, which is what the
+    dispatcher would run without the tuning database."""
     first = []
     if settings.baseline and settings.baseline in space.kernels:
         first += [p for p in space.points if p.kernel == settings.baseline][:1]
     for name in space.kernels:
         if name == settings.baseline:
             continue
-        default = REGISTRY.kernels_of(settings.op)[name].full_config(None)
+        kernel = REGISTRY.kernels_of(settings.op)[name]
+        default = kernel.resolved_default(features) if features is not None else kernel.full_config(None)
         first += [p for p in space.points if p.kernel == name and p.config_dict == default][:1]
     return first
 
