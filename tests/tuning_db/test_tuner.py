@@ -213,3 +213,29 @@ def test_a_shape_heuristic_default_is_measured_first(op):
         assert [p.config_dict for p in first] == ([heuristic] if in_space else [])
         found += in_space
     assert found == len(shapes), "the heuristic is a point of its own space for these shapes"
+
+
+def test_a_failing_default_heuristic_costs_only_its_head_start(caplog):
+    """A kernel whose ``default_for`` raises keeps its plain default first; the tune goes on."""
+    from kernmux.dispatch.registry import REGISTRY, replace_kernel
+    from kernmux.tuning_db.measurement.trial import config_points
+    from kernmux.tuning_db.tuning.search import Point, SearchSpace
+    from kernmux.tuning_db.tuning.tuner import first_points
+
+    op = "moe_topk_softmax"
+    triton = REGISTRY.kernels_of(op)["triton"]
+    features = {"tokens": 22, "experts": 64, "topk": 8, "shared": 0, "renormalize": True, "padding": False,
+                "dtype": "bf16", "device": "cuda"}
+    space = SearchSpace.from_points([Point.of("triton", c) for c in config_points(triton, features)])
+
+    def broken(features):
+        raise KeyError("tokens")
+
+    kernels = REGISTRY.kernels[op]
+    kernels["triton"] = replace_kernel(triton, default_for=broken)
+    try:
+        first = first_points(TuneSettings(op=op, url="sqlite://", kernels=("triton",)), space, features)
+    finally:
+        kernels["triton"] = triton
+    assert first == []  # {} is not a point of the space: nothing forced, nothing raised
+    assert "default_for of moe_topk_softmax/triton failed: KeyError" in caplog.text

@@ -262,7 +262,12 @@ def first_points(settings: TuneSettings, space: Any, features: Mapping[str, Any]
         if name == settings.baseline:
             continue
         kernel = REGISTRY.kernels_of(settings.op)[name]
-        default = kernel.resolved_default(features) if features is not None else kernel.full_config(None)
+        default = kernel.full_config(None)
+        if features is not None:
+            try:
+                default = kernel.resolved_default(features)
+            except Exception as e:  # a third-party heuristic that fails costs its head start, not the tune
+                log.warning("kernmux tune: default_for of %s/%s failed: %s: %s", settings.op, name, type(e).__name__, e)
         first += [p for p in space.points if p.kernel == name and p.config_dict == default][:1]
     return first
 
