@@ -20,7 +20,11 @@ from typing import Any
 import torch
 
 from kernmux.dispatch.outputs import empty_output
-from kernmux.kernels.moe_experts.triton_config import heuristic_config, next_power_of_two
+from kernmux.kernels.moe_experts.triton_config import (
+    heuristic_config,
+    next_power_of_two,
+    units_of,
+)
 from kernmux.kernels.moe_experts.triton_kernels import (
     align_kernel,
     down_kernel,
@@ -36,18 +40,6 @@ _ALIGN_CHUNK = 1024
 _ALIGN_BLOCKS = 32
 _REDUCE_BLOCK_H = 512
 _SILU_BLOCK = 1024
-
-
-@functools.lru_cache(maxsize=8)
-def _units(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def units_of(device: torch.device) -> int:
-    """SMs (CUs) of ``device``; 132 (an H100/H200) for CPU tensors in the interpreter."""
-    if device.type != "cuda":
-        return 132
-    return _units(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=4096)

@@ -10,6 +10,7 @@ the reduction step, ``GROUP_M`` tiles of M sharing a column band (L2 reuse of we
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -98,13 +99,27 @@ def heuristic_config(features: Mapping[str, Any], units: int = 132) -> dict[str,
     return config
 
 
-def default_for(features: Mapping[str, Any]) -> dict[str, Any]:
-    """The config an empty default resolves to for ``features`` on the GPU at hand (the
-    tuner measures it first); the SM count as the launcher reads it (132 off a GPU)."""
-    units = 132
-    if features.get("device") == "cuda":
-        import torch
+@functools.lru_cache(maxsize=8)
+def _units(device_index: int) -> int:
+    import torch
 
-        if torch.cuda.is_available():
-            units = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return heuristic_config(features, units)
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def units_of(device: Any) -> int:
+    """SMs (CUs) of ``device`` (a ``torch.device``); 132 (an H100/H200) off a GPU, e.g.
+    for CPU tensors in the interpreter."""
+    if device.type != "cuda":
+        return 132
+    import torch
+
+    return _units(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def default_for(features: Mapping[str, Any]) -> dict[str, Any]:
+    """The config an empty default resolves to for ``features`` on the GPU at hand, as
+    the launcher resolves it (the tuner measures it first)."""
+    import torch
+
+    cuda = features.get("device") == "cuda" and torch.cuda.is_available()
+    return heuristic_config(features, units_of(torch.device("cuda" if cuda else "cpu")))
