@@ -84,9 +84,9 @@ def test_add_your_own_kernel_with_import(tmp_path):
     [lint_without] = _drive(tmp_path, [pkg], [["rules", "lint", str(rules), "--json"]])  # the module not imported
     assert lint_without["code"] == 1 and "my_sorted" in lint_without["out"]
     results = _drive(tmp_path, [pkg], [
-        ["verify", "moe_topk_softmax", "tokens=7", "experts=160,288", *imp, "--kernels", "my_sorted", "--json"],
-        ["explain", "moe_topk_softmax", "tokens=9", *imp, "--rules", str(rules), "--json"],
-        ["bench", "moe_topk_softmax", "tokens=8", *imp, "--kernels", "my_sorted", "--rep-ms", "5", "--warmup-ms", "1", "--json"],
+        ["verify", "moe_topk_softmax", "tokens=7", "experts=160,288", *imp, "--kernels", "my_sorted", "--device", "cpu", "--json"],
+        ["explain", "moe_topk_softmax", "tokens=9", "device=cpu", *imp, "--rules", str(rules), "--json"],
+        ["bench", "moe_topk_softmax", "tokens=8", "device=cpu", *imp, "--kernels", "my_sorted", "--rep-ms", "5", "--warmup-ms", "1", "--json"],
         ["tune", "moe_topk_softmax", "tokens=8", *imp, "--kernels", "torch,my_sorted", "--trials", "2", "--in-process",
          "--rep-ms", "5", "--warmup-ms", "1", "--device", "cpu", "--json"],
         ["rules", "lint", str(rules), *imp, "--json"],
@@ -115,7 +115,7 @@ def test_add_your_own_kernel_with_the_entry_point(tmp_path):
     (dist / "entry_points.txt").write_text("[kernmux.kernels]\n" + "".join(f"{k} = {v}\n" for k, v in group.items()))
     results = _drive(tmp_path, [pkg], [
         ["ops", "--json"],
-        ["explain", "moe_topk_softmax", "--json"],
+        ["explain", "moe_topk_softmax", "device=cpu", "--json"],
     ], KERNMUX_FORCE="moe_topk_softmax=my_sorted")
     ops, explain = results
     data = json.loads(ops["out"])
