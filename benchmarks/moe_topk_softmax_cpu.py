@@ -184,7 +184,7 @@ def markdown(rows: list[dict], env: dict, args: argparse.Namespace) -> str:
                 met = "met" if row["speedup_median"][name] >= ACCEPTANCE_SPEEDUP else "not met"
                 found.append(f"{name} {row['speedup_median'][name]:.1f}x by p50, "
                              f"{row['speedup_p20_median'][name]:.1f}x by p20 ({met})")
-            lines[5:5] = ["", f"At tokens={f['tokens']}, experts={f['experts']} (the issue's shape; target >= "
+            lines[4:4] = ["", f"At tokens={f['tokens']}, experts={f['experts']} (the issue's shape; target >= "
                               f"{ACCEPTANCE_SPEEDUP:g}x the reference): " + "; ".join(found) + "."]
     for row in rows:
         f = row["features"]
