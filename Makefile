@@ -10,8 +10,10 @@
 # is already configured to find, e.g. in a local wheel directory, is used first); with a ROCm GPU,
 # install PyTorch's ROCm build first (pytorch.org). Triton is installed only for the test
 # suite on machines whose torch did not bring it (its interpreter runs the Triton kernels'
-# tests on CPU); `make run` does not need it.
+# tests on CPU); `make run` does not need it. On machines without a GPU the cpu extra
+# (numba) is installed too: it brings moe_topk_softmax's fast CPU kernel.
 SHELL := /bin/bash
+comma := ,
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -44,8 +46,8 @@ $(VENV)/.setup-done: pyproject.toml
 	  $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
 	    || $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --index-url "$(TORCH_CPU_INDEX)"; \
 	fi
-	@echo "[setup] installing kernmux (editable) with the tuning database extra ..."
-	@$(EDITABLE_QUIET) $(PIP) install -q -e ".[tuning]"
+	@echo "[setup] installing kernmux (editable) with the tuning database extra$(if $(filter cpu,$(GPU_KIND)), and the cpu extra (numba: the fast CPU top-k),) ..."
+	@$(EDITABLE_QUIET) $(PIP) install -q -e ".[tuning$(if $(filter cpu,$(GPU_KIND)),$(comma)cpu)]"
 	@touch $@
 	@echo "[setup] done: $(VENV)"
 

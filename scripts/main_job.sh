@@ -3,7 +3,7 @@
 # SQLite tuning database on whatever device is present, then show what the dispatcher now
 # chooses for one of the tuned problems, and why.
 #
-# CPU-only machines tune the CPU-capable kernels (torch, torch_topk, torch_compile), timed
+# CPU-only machines tune the CPU-capable kernels (torch, torch_topk, numba, torch_compile), timed
 # on one intra-op thread; with CUDA the Triton kernel and its config space join. Every
 # trial passes the numerics gate first and runs in a worker subprocess; a timing whose
 # p80/p20 exceeds the dispersion bound is taken again and, if still dispersed, stored
@@ -25,7 +25,7 @@ if [[ "$device" == "cuda" ]]; then
   sweep=(tokens=1,128,4096 experts=128,160)
   trials=24
 else
-  kernels="torch,torch_topk,torch_compile"
+  kernels="torch,torch_topk,numba,torch_compile"
   sweep=(tokens=1,128 experts=160)
   trials=4
 fi

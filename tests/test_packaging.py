@@ -44,7 +44,7 @@ def test_makefile_installs_the_cpu_build_of_torch_without_a_gpu(tmp_path):
     cpu_branch = setup[setup.index('echo "[setup] installing torch 2.13.0 (CPU build) ..."'):]
     assert '"torch==2.13.0+cpu" --index-url "https://download.pytorch.org/whl/cpu"' in cpu_branch
     assert "triton" not in setup.lower().replace("with triton", "")  # `make run` installs no Triton
-    assert '-e ".[tuning]"' in setup
+    assert '-e ".[tuning,cpu]"' in setup  # the cpu extra (numba) only where there is no GPU
     assert setup.count("[setup]") >= 4  # progress lines
     dev = _dry_run("setup-dev", "cpu", tmp_path)
     assert 'if ! ' in dev and 'import triton' in dev and '"triton>=3.1"' in dev  # only when torch did not bring it
@@ -55,3 +55,4 @@ def test_makefile_keeps_an_installed_torch_and_uses_pypi_torch_with_cuda(tmp_pat
     setup = _dry_run("setup", "cuda", tmp_path)
     assert 'already installed: kept' in setup
     assert '[ "cuda" = cuda ]' in setup and 'install -q "torch==2.13.0";' in setup
+    assert '-e ".[tuning]"' in setup and "numba" not in setup

@@ -4,8 +4,9 @@
 is_padding=None [T] bool) -> (weights fp32 [T, k + S], ids int32 [T, k + S])``; semantics
 (ties, non-finite rows, padded rows) in ``reference.py``.
 
-Kernels: ``torch`` (the reference), ``torch_topk`` (CPU: softmax and one ``torch.topk``
-over keys that encode the tie rule; the CPU default), ``torch_compile`` (the reference
+Kernels: ``torch`` (the reference), ``numba`` (CPU: softmax and a Numba top-k per row;
+the CPU default where numba is installed), ``torch_topk`` (CPU: softmax and one
+``torch.topk`` over keys that encode the tie rule; the CPU default without numba), ``torch_compile`` (the reference
 under Inductor), ``triton`` (one fused launch), ``aiter`` (ROCm ``aiter.topk_softmax``), ``vllm`` (vLLM's
 compiled ``_moe_C::topk_softmax``). Registration imports none of triton, aiter or vllm.
 
@@ -86,6 +87,14 @@ def _torch_topk_supports(features: Mapping[str, Any], platform: Platform) -> Sup
     return SUPPORTED
 
 
+def _numba_probe(platform: Platform) -> Support:
+    try:
+        importlib.import_module("numba")
+    except Exception as e:  # e.g. "Numba needs NumPy 2.3 or less": not usable, say why
+        return unsupported(f"numba is installed but does not import: {e}")
+    return SUPPORTED
+
+
 def _aiter_supports(features: Mapping[str, Any], platform: Platform) -> Support:
     if features["device"] != "cuda":
         return unsupported(f"aiter runs on GPU tensors (torch device 'cuda' on ROCm), got {features['device']}")
@@ -146,6 +155,21 @@ register_kernel(
     priority=15,
     doc="CPU: fp32 softmax, then one torch.topk over int64 keys (probability bits, then "
     "reversed index) whose order is the reference's tie rule; no sort.",
+)
+
+register_kernel(
+    op=OP_NAME,
+    name="numba",
+    impl=f"{_PKG}.cpu_select:moe_topk_softmax",
+    requires={"numba": ">=0.59"},
+    supports=_torch_topk_supports,
+    probe=_numba_probe,
+    # Above torch_topk: the same answer without torch.topk's per-row nth_element, whose
+    # mispredicted branches dominate on fresh logits (benchmarks/results/moe_topk_softmax_cpu.md).
+    # Needs the "cpu" extra; without numba, torch_topk stays the CPU default.
+    priority=16,
+    doc="CPU: fp32 softmax, then a Numba top-k per row (group maxima bound the k-th "
+    "largest, the few experts above it are ranked); bitwise the reference's answer.",
 )
 
 register_kernel(

@@ -21,7 +21,7 @@ reference's own code, so weights are bitwise equal to it.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -54,25 +54,33 @@ def top_ids(probs: torch.Tensor, topk: int) -> torch.Tensor:
     return keys.topk(topk, dim=-1).indices
 
 
-def moe_topk_softmax(
+def top_k(probs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights fp32 ``[T, topk]``, ids int32 ``[T, topk]``) of ``probs`` ``[T, E]`` in the
+    reference's order (see :func:`top_ids`); weights are ``probs``' own values."""
+    ids = top_ids(probs, topk)
+    return probs.gather(1, ids), ids.to(torch.int32)
+
+
+def route(
     gating_logits: torch.Tensor,
     topk: int,
-    renormalize: bool = False,
-    num_shared: int = 0,
-    is_padding: Optional[torch.Tensor] = None,
+    renormalize: bool,
+    num_shared: int,
+    is_padding: Optional[torch.Tensor],
+    select: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as the reference (``reference.py``): gating_logits ``[T, E + S]``
-    fp32/bf16/fp16 on CPU -> (weights fp32 ``[T, k + S]``, ids int32 ``[T, k + S]``)."""
+    """The reference's routing chain with its top-k replaced by ``select(probs, topk) ->
+    (weights fp32 [T, k], ids int32 [T, k])``: the fp32 softmax, renormalisation, shared
+    slots and padded rows are the reference's own expressions, so weights stay bitwise
+    equal to it whenever ``select`` returns the probabilities it picked."""
     tokens, width = gating_logits.shape
     experts = width - num_shared
     logits = gating_logits.float()
     probs = torch.softmax(logits[:, :experts], dim=-1)
-    routed_ids = top_ids(probs, topk)
-    routed_w = probs.gather(1, routed_ids)
+    routed_w, routed_ids = select(probs, topk)
     if renormalize:
         routed_w = routed_w / routed_w.sum(dim=-1, keepdim=True)
 
-    routed_ids = routed_ids.to(torch.int32)
     if num_shared == 0:
         weights, ids = routed_w, routed_ids
     else:
@@ -83,3 +91,15 @@ def moe_topk_softmax(
     if is_padding is not None:
         ids = ids.masked_fill(is_padding.view(tokens, 1), PADDING_ID)
     return weights, ids
+
+
+def moe_topk_softmax(
+    gating_logits: torch.Tensor,
+    topk: int,
+    renormalize: bool = False,
+    num_shared: int = 0,
+    is_padding: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as the reference (``reference.py``): gating_logits ``[T, E + S]``
+    fp32/bf16/fp16 on CPU -> (weights fp32 ``[T, k + S]``, ids int32 ``[T, k + S]``)."""
+    return route(gating_logits, topk, renormalize, num_shared, is_padding, top_k)
