@@ -200,11 +200,8 @@ def test_numba_that_does_not_import_is_unavailable_with_its_error(monkeypatch):
 def _select_in_python(probs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     from kernmux.kernels.moe_topk_softmax.cpu_select import select_rows
 
-    probs = probs.contiguous()
-    weights = torch.full((probs.shape[0], topk), -1.0)
-    ids = torch.full((probs.shape[0], topk), -1, dtype=torch.int32)
-    select_rows(probs.numpy(), topk, weights.numpy(), ids.numpy())
-    return weights, ids
+    weights, ids = select_rows(probs.contiguous().numpy(), topk)
+    return torch.from_numpy(weights), torch.from_numpy(ids)
 
 
 def _reference_top(probs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:

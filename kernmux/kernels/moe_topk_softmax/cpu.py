@@ -76,7 +76,8 @@ def route(
     tokens, width = gating_logits.shape
     experts = width - num_shared
     logits = gating_logits.float()
-    probs = torch.softmax(logits[:, :experts], dim=-1)
+    # No slice without shared columns: at one token a view costs as much as the softmax.
+    probs = torch.softmax(logits[:, :experts] if num_shared else logits, dim=-1)
     routed_w, routed_ids = select(probs, topk)
     if renormalize:
         routed_w = routed_w / routed_w.sum(dim=-1, keepdim=True)

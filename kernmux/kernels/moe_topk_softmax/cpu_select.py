@@ -45,12 +45,16 @@ _GROUP = 16
 _RANK_LIMIT_PER_K = 4
 
 
-def select_rows(probs: Any, k: int, out_w: Any, out_i: Any) -> None:
+def select_rows(probs: Any, k: int) -> tuple[Any, Any]:
     """Top ``k`` of each row of ``probs`` (``[T, E]`` float32 numpy array, each row >= 0
-    or holding NaN) into ``out_w`` (``[T, k]`` float32) and ``out_i`` (``[T, k]`` int32),
-    in the reference's order. Plain Python; Numba compiles it."""
+    or holding NaN): (weights ``[T, k]`` float32, ids ``[T, k]`` int32), in the
+    reference's order. Plain Python; Numba compiles it (the outputs are allocated here:
+    at one token, every torch allocation and conversion around the call costs as much
+    as the selection)."""
     bits = probs.view(np.uint32)
     tokens, experts = bits.shape
+    out_w = np.empty((tokens, k), np.float32)
+    out_i = np.empty((tokens, k), np.int32)
     group = _GROUP if experts >= _GROUP * k else max(1, experts // (2 * k))
     fixed = group == _GROUP
     groups = (experts + group - 1) // group
@@ -120,6 +124,7 @@ def select_rows(probs: Any, k: int, out_w: Any, out_i: Any) -> None:
             e = order[j]
             out_i[t, j] = e
             out_w[t, j] = probs[t, e]
+    return out_w, out_i
 
 
 _COMPILED: Optional[Callable[..., None]] = None
@@ -143,13 +148,8 @@ def top_k(probs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights fp32 ``[T, topk]``, ids int32 ``[T, topk]``): the ``topk`` largest of
     ``probs`` (``[T, E]`` fp32 CPU, rows non-negative or NaN), descending, ties to the
     lower index, NaN above every number."""
-    probs = probs.contiguous()
-    tokens = probs.shape[0]
-    weights = torch.empty(tokens, topk, dtype=torch.float32)
-    ids = torch.empty(tokens, topk, dtype=torch.int32)
-    if tokens:
-        compiled_select()(probs.numpy(), topk, weights.numpy(), ids.numpy())
-    return weights, ids
+    weights, ids = compiled_select()(probs.contiguous().numpy(), topk)
+    return torch.from_numpy(weights), torch.from_numpy(ids)
 
 
 def moe_topk_softmax(
