@@ -193,6 +193,29 @@ def test_numba_that_does_not_import_is_unavailable_with_its_error(monkeypatch):
     assert not support.ok and "does not import" in support.reason and "NumPy 9.9" in support.reason
 
 
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed (the cpu extra)")
+def test_numba_without_a_writable_cache_still_compiles(monkeypatch):
+    """Numba refuses ``cache=True`` where it has nowhere to write (a read-only install,
+    no user cache directory): the kernel then compiles without the cache."""
+    import numba
+
+    from kernmux.kernels.moe_topk_softmax import cpu_select
+
+    real = numba.njit
+
+    def no_locator(*args, **kwargs):
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function 'select_rows': no locator available for file")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", no_locator)
+    monkeypatch.setattr(cpu_select, "_COMPILED", None)
+    logits = torch.randn(5, 160)
+    weights, ids = cpu_select.moe_topk_softmax(logits, 6)
+    want_w, want_ids = reference(logits, 6)
+    assert torch.equal(ids, want_ids) and torch.equal(weights, want_w)
+
+
 # The selection itself, run as plain Python (no Numba: the same source Numba compiles), so
 # its passes are checked where numba is absent too. Shapes stay small: pure Python loops.
 

@@ -20,7 +20,7 @@ Weights are read from the probabilities themselves, so they are bitwise the refe
 
 The selection is plain Python (``select_rows``) compiled by Numba on first use
 (``cache=True``: later processes load it from Numba's cache). Without Numba the kernel is
-not offered (``supports`` says why) and ``torch_topk`` is the CPU default.
+not offered (``kernmux ops`` and ``explain`` say why) and ``torch_topk`` is the CPU default.
 """
 
 from __future__ import annotations
@@ -127,20 +127,24 @@ def select_rows(probs: Any, k: int) -> tuple[Any, Any]:
     return out_w, out_i
 
 
-_COMPILED: Optional[Callable[..., None]] = None
+_COMPILED: Optional[Callable[..., tuple[Any, Any]]] = None
 _COMPILE_LOCK = threading.Lock()
 
 
-def compiled_select() -> Callable[..., None]:
+def compiled_select() -> Callable[..., tuple[Any, Any]]:
     """``select_rows`` compiled by Numba (once per process; from Numba's cache when a
-    previous process compiled it)."""
+    previous process compiled it, and without the cache where Numba finds no writable
+    place for one: a read-only install and no user cache directory)."""
     global _COMPILED
     if _COMPILED is None:
         with _COMPILE_LOCK:
             if _COMPILED is None:
                 import numba
 
-                _COMPILED = numba.njit(cache=True, nogil=True, boundscheck=False)(select_rows)
+                try:
+                    _COMPILED = numba.njit(cache=True, nogil=True, boundscheck=False)(select_rows)
+                except RuntimeError:  # "cannot cache function ...: no locator available"
+                    _COMPILED = numba.njit(nogil=True, boundscheck=False)(select_rows)
     return _COMPILED
 
 
