@@ -61,46 +61,49 @@ def top_k(probs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     return probs.gather(1, ids), ids.to(torch.int32)
 
 
-def route(
-    gating_logits: torch.Tensor,
-    topk: int,
-    renormalize: bool,
-    num_shared: int,
-    is_padding: Optional[torch.Tensor],
+def routing_with(
     select: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's routing chain with its top-k replaced by ``select(probs, topk) ->
-    (weights fp32 [T, k], ids int32 [T, k])``: the fp32 softmax, renormalisation, shared
-    slots and padded rows are the reference's own expressions, so weights stay bitwise
-    equal to it whenever ``select`` returns the probabilities it picked."""
-    tokens, width = gating_logits.shape
-    experts = width - num_shared
-    logits = gating_logits.float()
-    # No slice without shared columns: at one token a view costs as much as the softmax.
-    probs = torch.softmax(logits[:, :experts] if num_shared else logits, dim=-1)
-    routed_w, routed_ids = select(probs, topk)
-    if renormalize:
-        routed_w = routed_w / routed_w.sum(dim=-1, keepdim=True)
+    module: str,
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """A ``moe_topk_softmax`` kernel (the reference's signature, CPU tensors) that is the
+    reference's routing chain with its top-k replaced by ``select(probs fp32 [T, E], topk)
+    -> (weights fp32 [T, k], ids int32 [T, k])``. The fp32 softmax, renormalisation,
+    shared slots and padded rows are the reference's own expressions, so weights stay
+    bitwise equal to it whenever ``select`` returns the probabilities it picked.
+    ``module``: where the kernel is bound (its ``__module__``, so it pickles by name)."""
 
-    if num_shared == 0:
-        weights, ids = routed_w, routed_ids
-    else:
-        shared_w = torch.sigmoid(logits[:, experts:])
-        shared_ids = torch.arange(experts, experts + num_shared, dtype=torch.int32).expand(tokens, num_shared)
-        weights = torch.cat([routed_w, shared_w], dim=1)
-        ids = torch.cat([routed_ids, shared_ids], dim=1)
-    if is_padding is not None:
-        ids = ids.masked_fill(is_padding.view(tokens, 1), PADDING_ID)
-    return weights, ids
+    def moe_topk_softmax(
+        gating_logits: torch.Tensor,
+        topk: int,
+        renormalize: bool = False,
+        num_shared: int = 0,
+        is_padding: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same contract as the reference (``reference.py``): gating_logits ``[T, E + S]``
+        fp32/bf16/fp16 on CPU -> (weights fp32 ``[T, k + S]``, ids int32 ``[T, k + S]``)."""
+        tokens, width = gating_logits.shape
+        experts = width - num_shared
+        logits = gating_logits.float()
+        # No slice without shared columns: at one token a view costs as much as the softmax.
+        probs = torch.softmax(logits[:, :experts] if num_shared else logits, dim=-1)
+        routed_w, routed_ids = select(probs, topk)
+        if renormalize:
+            routed_w = routed_w / routed_w.sum(dim=-1, keepdim=True)
+
+        if num_shared == 0:
+            weights, ids = routed_w, routed_ids
+        else:
+            shared_w = torch.sigmoid(logits[:, experts:])
+            shared_ids = torch.arange(experts, experts + num_shared, dtype=torch.int32).expand(tokens, num_shared)
+            weights = torch.cat([routed_w, shared_w], dim=1)
+            ids = torch.cat([routed_ids, shared_ids], dim=1)
+        if is_padding is not None:
+            ids = ids.masked_fill(is_padding.view(tokens, 1), PADDING_ID)
+        return weights, ids
+
+    moe_topk_softmax.__module__ = module
+    moe_topk_softmax.__qualname__ = "moe_topk_softmax"
+    return moe_topk_softmax
 
 
-def moe_topk_softmax(
-    gating_logits: torch.Tensor,
-    topk: int,
-    renormalize: bool = False,
-    num_shared: int = 0,
-    is_padding: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as the reference (``reference.py``): gating_logits ``[T, E + S]``
-    fp32/bf16/fp16 on CPU -> (weights fp32 ``[T, k + S]``, ids int32 ``[T, k + S]``)."""
-    return route(gating_logits, topk, renormalize, num_shared, is_padding, top_k)
+moe_topk_softmax = routing_with(top_k, __name__)

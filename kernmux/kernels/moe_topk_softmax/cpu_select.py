@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from kernmux.kernels.moe_topk_softmax.cpu import route
+from kernmux.kernels.moe_topk_softmax.cpu import routing_with
 
 # uint32 bit pattern of +inf; a NaN of either sign is above it (probabilities are below).
 _INF_BITS = 0x7F800000
@@ -156,13 +156,4 @@ def top_k(probs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(weights), torch.from_numpy(ids)
 
 
-def moe_topk_softmax(
-    gating_logits: torch.Tensor,
-    topk: int,
-    renormalize: bool = False,
-    num_shared: int = 0,
-    is_padding: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as the reference (``reference.py``): gating_logits ``[T, E + S]``
-    fp32/bf16/fp16 on CPU -> (weights fp32 ``[T, k + S]``, ids int32 ``[T, k + S]``)."""
-    return route(gating_logits, topk, renormalize, num_shared, is_padding, top_k)
+moe_topk_softmax = routing_with(top_k, __name__)
